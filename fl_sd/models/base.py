@@ -1,0 +1,113 @@
+"""The multi-head model contract shared by every architecture.
+
+A :class:`MultiHeadNet` is a body (feature extractor) carrying a final classifier and any number of auxiliary
+classifiers at intermediate depths. Which parameters are *head* and which are *body* is declared by module role:
+the final classifier lives in ``self.classifier`` and the auxiliary heads in ``self.aux_heads``; everything else
+is body. Subclasses implement :meth:`forward_features` only.
+"""
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+
+class MultiHeadOutput(NamedTuple):
+    """What every registered model returns.
+
+    ``final``: (B, K) logits of the final head (never temperature-scaled).
+    ``aux``: per auxiliary head, (B, K) class logits as the model serves them: divided by the learned
+    temperature sigmoid(s) in training mode (when ``scale_aux``), unscaled in eval mode -- as the reference.
+    ``aux_raw``: per auxiliary head, the unscaled (B, K) class logits u.
+    ``temperature``: per auxiliary head, the (B,) learned per-sample temperature sigmoid(s) in (0, 1).
+    """
+
+    final: Tensor
+    aux: tuple[Tensor, ...]
+    aux_raw: tuple[Tensor, ...]
+    temperature: tuple[Tensor, ...]
+
+
+class AuxHead(nn.Module):
+    """Global average pool, then one bias-free Linear(C -> K + 1); the last output is the temperature logit s."""
+
+    def __init__(self, in_channels: int, num_classes: int, bias: bool = False):
+        super().__init__()
+        self.num_classes = num_classes
+        self.fc = nn.Linear(in_channels, num_classes + 1, bias=bias)
+
+    def forward(self, feature: Tensor) -> tuple[Tensor, Tensor]:
+        z = self.fc(feature.mean(dim=(2, 3)))
+        return z[:, : self.num_classes], torch.sigmoid(z[:, self.num_classes])
+
+
+def batch_norm(track_running_stats: bool):
+    """A BatchNorm2d factory: MHMD's models track running statistics, FedBABU's originals do not."""
+
+    def make(channels: int) -> nn.BatchNorm2d:
+        return nn.BatchNorm2d(channels, track_running_stats=track_running_stats)
+
+    return make
+
+
+class MultiHeadNet(nn.Module):
+    """Base class: body + final classifier (``self.classifier``) + auxiliary heads (``self.aux_heads``)."""
+
+    #: Module attributes that hold head parameters. Everything else is body.
+    HEAD_MODULES = ("classifier", "aux_heads")
+
+    classifier: nn.Module
+    aux_heads: nn.ModuleList
+
+    def __init__(self, num_classes: int, scale_aux: bool = True):
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        self.num_classes = num_classes
+        self.scale_aux = scale_aux
+
+    # -- subclass hook --------------------------------------------------------------------------------------
+    def forward_features(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Return (flat feature for the final classifier, [feature map for each auxiliary head])."""
+        raise NotImplementedError
+
+    # -- forward ----------------------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> MultiHeadOutput:
+        feature, aux_features = self.forward_features(x)
+        final = self.classifier(feature)
+        aux, raw, temps = [], [], []
+        scale = self.training and self.scale_aux
+        for head, feat in zip(self.aux_heads, aux_features):
+            u, t = head(feat)
+            raw.append(u)
+            temps.append(t)
+            aux.append(u / t.unsqueeze(1) if scale else u)
+        return MultiHeadOutput(final, tuple(aux), tuple(raw), tuple(temps))
+
+    @property
+    def num_aux_heads(self) -> int:
+        return len(self.aux_heads)
+
+    # -- body / head split, by module role ------------------------------------------------------------------
+    def head_modules(self) -> list[nn.Module]:
+        return [getattr(self, name) for name in self.HEAD_MODULES]
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        for module in self.head_modules():
+            yield from module.parameters()
+
+    def body_parameters(self) -> Iterator[nn.Parameter]:
+        head_ids = {id(p) for p in self.head_parameters()}
+        return (p for p in self.parameters() if id(p) not in head_ids)
+
+    def is_head_key(self, key: str) -> bool:
+        """Whether a ``state_dict`` key belongs to a head module."""
+        return key.split(".", 1)[0] in self.HEAD_MODULES
+
+    def body_state_keys(self) -> list[str]:
+        """State-dict keys of the body: parameters and buffers (BN running statistics included)."""
+        return [k for k in self.state_dict() if not self.is_head_key(k)]
+
+    def head_state_keys(self) -> list[str]:
+        return [k for k in self.state_dict() if self.is_head_key(k)]
