@@ -135,8 +135,8 @@ class MultiHeadLoss(nn.Module):
         ce_final = F.cross_entropy(output.final, target)
         aux_logits = output.aux if cfg.use_scaler else output.aux_raw
         ce_aux = zero
-        if cfg.aux_weight > 0:
-            ce_aux = cfg.aux_weight * sum(F.cross_entropy(a, target) for a in aux_logits)
+        if cfg.aux_weight > 0 and aux_logits:
+            ce_aux = cfg.aux_weight * sum((F.cross_entropy(a, target) for a in aux_logits), zero)
         kd_self = kd_mutual = zero
         if cfg.kd_weight > 0 and aux_logits:
             T = cfg.temperature
