@@ -1,0 +1,402 @@
+"""The client: a LightningModule = multi-head network + MHMD loss + which parts train.
+
+Two ways to use :class:`MultiHeadClassifier`:
+
+* **Standalone**, centrally: ``pl.Trainer(...).fit(module, datamodule)`` trains any registered multi-head image
+  classifier with multi-head self-/mutual distillation. ``training_step``/``validation_step``/``test_step`` log the loss
+  and its parts, the accuracy of every head (torchmetrics) and the mean learned temperature of every auxiliary head.
+* **Federated**, as one client update: :meth:`MultiHeadClassifier.local_update` loads a body (and optionally a head)
+  state into the module *in place*, runs one SGD step per given batch with a fresh optimizer (momentum reset, as the
+  reference) and returns a :class:`ClientUpdate`. It needs no ``Trainer``, builds no ``DataLoader``, copies no model,
+  and synchronises with the device once, at the end. The same module object serves every client in turn.
+
+Freezing (SPEC 2.4): the reference gives frozen parts learning rate 0 (SGD, momentum 0.9, weight decay 0: they never
+change, even with weight decay, since the update is scaled by lr). Here frozen parameters get ``requires_grad=False``
+and stay out of the optimizer: the same result, without computing or storing their gradients. Gradients still flow
+*through* frozen heads into the body (the activations require grad). Both the ``Trainer`` path
+(:meth:`~MultiHeadClassifier.configure_optimizers`) and :meth:`~MultiHeadClassifier.local_update` use the same rule
+(:meth:`~MultiHeadClassifier.param_groups`).
+
+BatchNorm running statistics are buffers of the body; they update whenever the network runs in train mode, whatever
+parts train -- also in ``head`` fine-tuning, as the reference does. They are part of ``ClientUpdate.body_state``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from fl_sd.losses import PRESETS, LossConfig, LossOutput, MultiHeadLoss, loss_config
+from fl_sd.models import MultiHeadNet, MultiHeadOutput, create_model, list_models, model_entry
+
+#: What trains: ``body`` (heads frozen; FedBABU/MHMD federated training), ``head`` (body frozen), ``full``.
+TRAIN_PARTS = ("body", "head", "full")
+
+#: Names of the loss parts, in :class:`~fl_sd.losses.LossOutput` order (``loss`` is the total).
+LOSS_PARTS = ("loss", "loss_ce_final", "loss_ce_aux", "loss_kd_self", "loss_kd_mutual")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A local update produced a NaN/Inf loss. ``step`` is the 1-based index of the first bad step."""
+
+    def __init__(self, step: int, num_steps: int, value: float):
+        self.step, self.num_steps, self.value = step, num_steps, value
+        super().__init__(f"non-finite loss ({value}) at step {step} of {num_steps} of the local update; "
+                         "the run diverged (lower the learning rate) or the batch holds NaN/Inf values")
+
+
+@dataclass
+class ClientUpdate:
+    """The result of one :meth:`MultiHeadClassifier.local_update`.
+
+    body_state: detached clones of the body's state after the update (parameters and buffers, e.g. BN running stats),
+        keyed like ``net.state_dict()``.
+    head_state: the same for the heads when ``return_head=True``, else ``None``.
+    num_samples: the ``num_samples=`` given to ``local_update`` (e.g. the client's dataset size), else the total
+        number of samples processed (sum of batch sizes over all steps, i.e. epochs x dataset size).
+    num_steps: optimizer steps taken.
+    metrics: mean over steps of ``loss`` and its parts (``loss_ce_final``, ``loss_ce_aux``, ``loss_kd_self``,
+        ``loss_kd_mutual``); training accuracy (fraction of processed samples) of the final head ``acc_final`` and of
+        each auxiliary head ``acc_aux{l}``; mean learned temperature sigmoid(s) of each auxiliary head ``temp_aux{l}``.
+    """
+
+    body_state: dict[str, Tensor]
+    head_state: dict[str, Tensor] | None
+    num_samples: int
+    num_steps: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _registered_name(net: nn.Module) -> str | None:
+    """The registry name whose builder is ``type(net)``, if any (to find its default loss weights)."""
+    for name in list_models():
+        if model_entry(name).builder is type(net):
+            return name
+    return None
+
+
+def build_loss_config(loss: str | LossConfig = "mhmd", loss_options: Mapping[str, Any] | None = None,
+                      model: str | None = None) -> LossConfig:
+    """Resolve the loss: the model's registered default weights (SPEC "Decisions": e.g. aux 0.01 for ``cnn4``), then
+    the preset's own settings, then ``loss_options``. A :class:`LossConfig` instance is used as it is."""
+    if isinstance(loss, LossConfig):
+        if loss_options:
+            raise ValueError("loss_options cannot be combined with a LossConfig instance; put them in the LossConfig")
+        return loss
+    if loss not in PRESETS:
+        raise ValueError(f"unknown loss preset {loss!r}; choose one of {sorted(PRESETS)}")
+    defaults = dict(model_entry(model).default_loss) if model is not None else {}
+    overrides = {k: v for k, v in defaults.items() if k not in PRESETS[loss]}
+    overrides.update(loss_options or {})
+    return loss_config(loss, **overrides)
+
+
+class MultiHeadClassifier(pl.LightningModule):
+    """A multi-head classifier trained with the MHMD loss; see the module docstring.
+
+    Args:
+        model: registered model name (``fl_sd.models.list_models()``), ignored when ``net`` is given.
+        num_classes: K, ignored when ``net`` is given.
+        model_options: extra keyword arguments of the model builder (e.g. ``{"track_running_stats": False}``).
+        loss: a loss preset name (``mhmd``, ``ce``, ``no_scaler``, ``ungated``, ``coarse_gated``, ``one_way``) or a
+            :class:`~fl_sd.losses.LossConfig`. Preset names start from the model's registered default weights.
+        loss_options: :class:`~fl_sd.losses.LossConfig` field overrides (``aux_weight``, ``kd_weight``, ...).
+        train_part: ``body`` (heads frozen), ``head`` (body frozen) or ``full``.
+        lr: learning rate of the body. head_lr: learning rate of the heads (``None``: ``lr``).
+        momentum, weight_decay: SGD settings (both parameter groups).
+        lr_milestones, lr_gamma: optional ``MultiStepLR`` epochs for the standalone Trainer path.
+        net: a prebuilt :class:`~fl_sd.models.MultiHeadNet` (then ``model``/``num_classes``/``model_options`` are
+            ignored and the loss defaults come from the net's registered class, if any).
+    """
+
+    def __init__(self, model: str = "mobilenet", num_classes: int = 100, model_options: dict | None = None,
+                 loss: str | LossConfig = "mhmd", loss_options: dict | None = None, train_part: str = "full",
+                 lr: float = 0.1, head_lr: float | None = None, momentum: float = 0.9, weight_decay: float = 0.0,
+                 lr_milestones: list[int] | None = None, lr_gamma: float = 0.1, net: MultiHeadNet | None = None):
+        super().__init__()
+        self.save_hyperparameters(ignore=["net"])
+        if net is None:
+            net = create_model(model, num_classes=num_classes, **(model_options or {}))
+            model_name = model
+        else:
+            if not isinstance(net, MultiHeadNet):
+                raise TypeError(f"net must be a fl_sd.models.MultiHeadNet, got {type(net).__name__}")
+            model_name = _registered_name(net)
+        self.net = net
+        self.loss_fn = MultiHeadLoss(build_loss_config(loss, loss_options, model_name))
+        if momentum < 0 or weight_decay < 0:
+            raise ValueError(f"momentum and weight_decay must be >= 0, got {momentum}, {weight_decay}")
+        self.momentum = float(momentum)
+        self.weight_decay = float(weight_decay)
+        self.lr_milestones = list(lr_milestones or [])
+        self.lr_gamma = float(lr_gamma)
+        self.train_part = train_part
+        self.lr = float(lr)
+        self.head_lr: float | None = None
+        self.set_train_part(train_part, lr=lr, head_lr=head_lr)
+
+        k, n_aux = net.num_classes, net.num_aux_heads
+        self.head_names = ("final",) + tuple(f"aux{i}" for i in range(n_aux))
+        #: Names of the loss parts and mean temperatures, in the order of ``_loss_temp_values``.
+        self.value_names = LOSS_PARTS + tuple(f"temp_aux{i}" for i in range(n_aux))
+        # One accuracy metric per head per stage (micro average = fraction of correct samples).
+        self.head_metrics = nn.ModuleDict({
+            f"{stage}_acc": nn.ModuleDict({h: MulticlassAccuracy(k, average="micro", validate_args=False)
+                                           for h in self.head_names})
+            for stage in ("train", "val", "test")})
+        self._state_cache: dict[str, Tensor] | None = None
+        self._epoch_sums: dict[str, Tensor] = {}
+        self._epoch_counts: dict[str, int] = {}
+
+    # ---- network / loss --------------------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> MultiHeadOutput:
+        return self.net(x)
+
+    def compute_loss(self, batch) -> tuple[LossOutput, MultiHeadOutput]:
+        """Forward one ``(images, labels)`` batch and return (loss and its parts, network output)."""
+        x, y = batch
+        out = self.net(x)
+        return self.loss_fn(out, y), out
+
+    # ---- which parts train ------------------------------------------------------------------------------------------
+    @property
+    def effective_head_lr(self) -> float:
+        return self.lr if self.head_lr is None else self.head_lr
+
+    def set_train_part(self, part: str, lr: float | None = None, head_lr: float | None = None) -> None:
+        """Choose what trains and (optionally) the learning rates; frozen parameters get ``requires_grad=False``.
+
+        ``lr`` given without ``head_lr`` makes the head learning rate follow ``lr`` again.
+        """
+        if part not in TRAIN_PARTS:
+            raise ValueError(f"train_part must be one of {TRAIN_PARTS}, got {part!r}")
+        if lr is not None:
+            if lr < 0:
+                raise ValueError(f"lr must be >= 0, got {lr}")
+            self.lr = float(lr)
+            self.head_lr = None
+        if head_lr is not None:
+            if head_lr < 0:
+                raise ValueError(f"head_lr must be >= 0, got {head_lr}")
+            self.head_lr = float(head_lr)
+        train_body, train_head = part in ("body", "full"), part in ("head", "full")
+        for p in self.net.body_parameters():
+            p.requires_grad_(train_body)
+        for p in self.net.head_parameters():
+            p.requires_grad_(train_head)
+        self.train_part = part
+
+    def param_groups(self) -> list[dict]:
+        """SGD parameter groups of the trainable parts: ``body`` at ``lr``, ``head`` at ``head_lr``."""
+        groups = []
+        if self.train_part in ("body", "full"):
+            groups.append({"params": list(self.net.body_parameters()), "lr": self.lr, "name": "body"})
+        if self.train_part in ("head", "full"):
+            groups.append({"params": list(self.net.head_parameters()), "lr": self.effective_head_lr, "name": "head"})
+        return [g for g in groups if g["params"]]
+
+    def make_optimizer(self) -> torch.optim.SGD:
+        return torch.optim.SGD(self.param_groups(), lr=self.lr, momentum=self.momentum,
+                               weight_decay=self.weight_decay)
+
+    def configure_optimizers(self):
+        optimizer = self.make_optimizer()
+        if not self.lr_milestones:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, self.lr_milestones, self.lr_gamma)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    # ---- Trainer steps ----------------------------------------------------------------------------------------------
+    def _shared_step(self, batch, stage: str) -> Tensor:
+        # Per step: update the accuracy metrics and one on-device running sum; log once per epoch (a self.log call
+        # per value per step costs ~0.5 ms of Python each, more than a GPU step of a small CIFAR network).
+        losses, out = self.compute_loss(batch)
+        y = batch[1]
+        metrics = self.head_metrics[f"{stage}_acc"]
+        for name, logits in zip(self.head_names, (out.final, *out.aux)):
+            metrics[name].update(logits.detach(), y)
+        weighted = self._loss_temp_values(losses, out) * y.shape[0]
+        running = self._epoch_sums.get(stage)
+        self._epoch_sums[stage] = weighted if running is None else running + weighted
+        self._epoch_counts[stage] = self._epoch_counts.get(stage, 0) + y.shape[0]
+        return losses.total
+
+    def _log_epoch(self, stage: str) -> None:
+        """Log the epoch means of the loss parts and temperatures and the accuracy of every head; reset them."""
+        sums, count = self._epoch_sums.pop(stage, None), self._epoch_counts.pop(stage, 0)
+        metrics = self.head_metrics[f"{stage}_acc"]
+        if sums is None or count == 0:
+            for metric in metrics.values():
+                metric.reset()
+            return
+        sync = self._trainer is not None and self.trainer.world_size > 1
+        means = sums / count
+        for i, name in enumerate(self.value_names):
+            self.log(f"{stage}/{name}", means[i], sync_dist=sync, prog_bar=(name == "loss"))
+        for name, metric in metrics.items():
+            self.log(f"{stage}/acc_{name}", metric.compute(), prog_bar=(name == "final" and stage != "train"))
+            metric.reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    def training_step(self, batch, batch_idx):
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._shared_step(batch, "test")
+
+    def predict_step(self, batch, batch_idx, dataloader_idx: int = 0) -> Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self.net(x).final
+
+    # ---- federated API ---------------------------------------------------------------------------------------------
+    def _apply(self, fn, *args, **kwargs):
+        # .to()/.cuda()/.half() may replace buffer tensors: drop the cached references.
+        self._state_cache = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _state_refs(self) -> dict[str, Tensor]:
+        """The network's live state tensors (parameters and persistent buffers) by ``state_dict`` key, cached."""
+        if self._state_cache is None:
+            self._state_cache = {k: v for k, v in self.net.state_dict(keep_vars=True).items()}
+            self._body_keys = tuple(self.net.body_state_keys())
+            self._head_keys = tuple(self.net.head_state_keys())
+        return self._state_cache
+
+    @torch.no_grad()
+    def load_state(self, state: Mapping[str, Tensor], part: str | None = None) -> None:
+        """Copy ``state`` into the network in place (``Tensor.copy_``: same tensors, no new module).
+
+        ``part`` (``body``/``head``) restricts the allowed keys. Keys missing from ``state`` keep their values.
+        """
+        refs = self._state_refs()
+        allowed = set(self._body_keys if part == "body" else self._head_keys if part == "head" else refs)
+        dst, src = [], []
+        for key, value in state.items():
+            if key not in allowed:
+                where = f"{part} " if part else ""
+                raise KeyError(f"{key!r} is not a {where}state key of {type(self.net).__name__}")
+            target = refs[key]
+            if target.shape != value.shape:
+                raise ValueError(f"state {key!r}: shape {tuple(value.shape)} does not match {tuple(target.shape)}")
+            dst.append(target)
+            src.append(value)
+        for d, s in zip(dst, src):
+            d.copy_(s)
+
+    @torch.no_grad()
+    def get_state(self, part: str = "body") -> dict[str, Tensor]:
+        """Detached clones of the ``body`` or ``head`` state (parameters and buffers)."""
+        refs = self._state_refs()
+        keys = self._body_keys if part == "body" else self._head_keys
+        return {k: refs[k].detach().clone() for k in keys}
+
+    def local_update(self, batches: Iterable[tuple[Tensor, Tensor]], *, body_state: Mapping[str, Tensor] | None = None,
+                     head_state: Mapping[str, Tensor] | None = None, train_part: str | None = None,
+                     lr: float | None = None, head_lr: float | None = None, return_head: bool = False,
+                     num_samples: int | None = None, on_epoch_end: Callable[[int], None] | None = None,
+                     steps_per_epoch: int | None = None) -> ClientUpdate:
+        """One client update: load states in place, one SGD step per ``(x, y)`` in ``batches``, return the result.
+
+        ``batches`` already holds every local epoch (e.g. tau x 10 batches of 50); tensors are moved to the module's
+        device if they are not there yet (a no-op when they are). ``train_part``/``lr``/``head_lr``, when given, are
+        applied with :meth:`set_train_part` and stay in effect. A fresh SGD optimizer is built (momentum buffers reset
+        every update, as the reference). The network's train/eval mode is restored afterwards and its gradients are
+        released. Metrics are accumulated on the device; the only host synchronisation is at the end.
+
+        ``on_epoch_end(epoch)`` (requires ``steps_per_epoch``) is called after every ``steps_per_epoch`` steps with the
+        1-based number of the epoch just finished -- e.g. to evaluate after each fine-tuning epoch without resetting
+        the optimizer's momentum between epochs; it may switch the network to eval mode (train mode is restored
+        before the next step). Only complete epochs are reported.
+
+        Raises :class:`NonFiniteLossError` (a ``FloatingPointError``) naming the first step whose loss was NaN/Inf;
+        the module's weights are then undefined (load a good state before reusing it).
+        """
+        if on_epoch_end is not None and (steps_per_epoch is None or steps_per_epoch < 1):
+            raise ValueError(f"on_epoch_end needs steps_per_epoch >= 1, got {steps_per_epoch!r}")
+        if train_part is not None or lr is not None or head_lr is not None:
+            self.set_train_part(train_part or self.train_part, lr=lr, head_lr=head_lr)
+        if body_state is not None:
+            self.load_state(body_state, "body")
+        if head_state is not None:
+            self.load_state(head_state, "head")
+        net, loss_fn = self.net, self.loss_fn
+        optimizer = self.make_optimizer()
+        device = next(net.parameters()).device
+        was_training = net.training
+        net.train()
+        records: list[Tensor] = []
+        processed = 0
+        try:
+            with torch.enable_grad():
+                for x, y in batches:
+                    x = x.to(device, non_blocking=True)
+                    y = y.to(device, non_blocking=True)
+                    out = net(x)
+                    losses = loss_fn(out, y)
+                    optimizer.zero_grad(set_to_none=True)
+                    losses.total.backward()
+                    optimizer.step()
+                    records.append(self._step_record(losses, out, y))
+                    processed += y.shape[0]
+                    if on_epoch_end is not None and len(records) % steps_per_epoch == 0:
+                        on_epoch_end(len(records) // steps_per_epoch)
+                        net.train()
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+            if not was_training:
+                net.eval()
+        if not records:
+            raise ValueError("local_update got no batches")
+        metrics = self._summarise(records, processed)
+        return ClientUpdate(
+            body_state=self.get_state("body"),
+            head_state=self.get_state("head") if return_head else None,
+            num_samples=processed if num_samples is None else int(num_samples),
+            num_steps=len(records),
+            metrics=metrics,
+        )
+
+    @torch.no_grad()
+    def _loss_temp_values(self, losses: LossOutput, out: MultiHeadOutput) -> Tensor:
+        """One device vector: the 5 loss parts, then the mean temperature of each auxiliary head (``value_names``)."""
+        pieces = [torch.stack([v.detach().float() for v in losses])]
+        if out.temperature:
+            pieces.append(torch.stack([t.detach() for t in out.temperature]).float().mean(dim=1))
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+    @torch.no_grad()
+    def _step_record(self, losses: LossOutput, out: MultiHeadOutput, y: Tensor) -> Tensor:
+        """``_loss_temp_values`` followed by the number of correct predictions of each head."""
+        logits = torch.stack([out.final.detach(), *(a.detach() for a in out.aux)])  # (heads, B, K)
+        correct = (logits.argmax(dim=2) == y).sum(dim=1).float()
+        return torch.cat([self._loss_temp_values(losses, out), correct])
+
+    def _summarise(self, records: list[Tensor], processed: int) -> dict[str, float]:
+        table = torch.stack(records).cpu().double()  # (steps, values); the one device -> host transfer
+        total_loss = table[:, 0]
+        bad = ~torch.isfinite(total_loss)
+        sums = table.sum(dim=0).tolist()
+        steps = len(records)
+        if bad.any():
+            first = int(bad.nonzero()[0, 0])
+            raise NonFiniteLossError(first + 1, steps, float(total_loss[first]))
+        metrics = {name: sums[i] / steps for i, name in enumerate(self.value_names)}
+        offset = len(self.value_names)
+        for j, head in enumerate(self.head_names):
+            metrics[f"acc_{head}"] = sums[offset + j] / processed
+        return metrics
