@@ -225,6 +225,10 @@ def shard_partition(ytr: np.ndarray, yte: np.ndarray, num_clients: int, seed: in
         raise DataError(f"shards not possible: {c} classes x {shard_per_class} shards per class = "
                         f"{c * shard_per_class} shards do not divide among num_clients={n}; fix: choose "
                         f"shards_per_client so that shards_per_client*num_clients is a multiple of num_classes={c}")
+    fewest = np.bincount(ytr, minlength=c).min()
+    if fewest < shard_per_class:
+        raise DataError(f"shards_per_client={s}: {shard_per_class} shards per class, but a class has only {fewest} "
+                        f"training samples (empty shards); fix: lower shards_per_client or num_clients")
     rng = _seeded(seed, "shards")
     # rand_set_all: [0..C-1] repeated shard_per_class times, shuffled, reshaped (N, -1) (== s when s*N % C == 0)
     label_rows = rng.permutation(np.tile(np.arange(c, dtype=np.int64), shard_per_class)).reshape(n, -1)

@@ -1,0 +1,60 @@
+"""Atomic checkpoints of a whole federation: written to a temporary file, fsynced, then renamed over the old one."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT = "checkpoint.pt"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A missing, corrupt or mismatched checkpoint."""
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Call ``write(fileobj)`` on a temporary file beside ``path``, fsync it, then ``os.replace`` it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(run_dir: Path, state: dict[str, Any], meta: dict[str, Any]) -> Path:
+    path = Path(run_dir) / CHECKPOINT
+    payload = {"format": FORMAT_VERSION, "meta": meta, "state": state}
+    atomic_write_bytes(path, lambda fh: torch.save(payload, fh))
+    return path
+
+
+def load_checkpoint(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Load and check a checkpoint against the run's identity (model, classes, clients)."""
+    path = Path(run_dir) / CHECKPOINT
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}: the run stopped before its first checkpoint; "
+                              "start it again without --resume")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001  (pickle/zip errors of every kind)
+        raise CheckpointError(f"checkpoint {path} is corrupt ({type(err).__name__}); delete it and start the run "
+                              "again, or resume from a copy") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION or "state" not in payload:
+        raise CheckpointError(f"{path} is not an fl-sd checkpoint (format {FORMAT_VERSION})")
+    saved = payload.get("meta", {})
+    for key, value in meta.items():
+        if saved.get(key) != value:
+            raise CheckpointError(f"checkpoint {path} was written for {key}={saved.get(key)!r}, the config says "
+                                  f"{value!r}; resume with the run's own config.yaml")
+    return payload["state"]

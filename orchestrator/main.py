@@ -1,0 +1,55 @@
+"""Entry point: ``python orchestrator/main.py --config configs/cifar100.yaml [--federation.rounds 10 ...]``.
+
+``--resume RUN_DIR`` continues an interrupted run. Bad input ends with one line on stderr and exit code 2
+(set FLSD_DEBUG=1 for the traceback).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fl_sd.data import DataError
+
+    from orchestrator.checkpoint import CheckpointError
+    from orchestrator.config import ConfigError, parse_args
+    from orchestrator.federation import TrainingDiverged
+    from orchestrator.runner import RunDirError, run
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if "--resume" in argv:
+            i = argv.index("--resume")
+            if len(argv) != 2 or i != 0:
+                raise ConfigError("--resume RUN_DIR takes no other options: the run's own config.yaml is used")
+            resume = argv[1]
+            run(None, resume=resume)  # type: ignore[arg-type]
+        else:
+            cfg, _ = parse_args(argv)
+            run(cfg)
+    except (ConfigError, DataError, CheckpointError, RunDirError) as err:
+        return _fail(f"error: {err}")
+    except TrainingDiverged as err:
+        return _fail(f"error: training diverged (NaN/Inf loss) at {err}; lower federation.lr or check the data. "
+                     "The last checkpoint is intact.", code=3)
+    except (ValueError, OSError, RuntimeError) as err:  # any other bad input: still one line
+        return _fail(f"error: {type(err).__name__}: {err}")
+    except KeyboardInterrupt:
+        return _fail("interrupted; continue with --resume RUN_DIR from the last checkpoint", code=130)
+    return 0
+
+
+def _fail(message: str, code: int = 2) -> int:
+    if os.environ.get("FLSD_DEBUG"):
+        raise
+    print(" ".join(message.split()), file=sys.stderr)  # always exactly one line
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""PNG plots of a run directory: accuracy of each head vs round, the fine-tuning-speed curve, and the distribution
+of per-client personalised accuracy."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with path.open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    written: list[Path] = []
+    evals = _read_csv(run_dir / "evaluations.csv")
+    if evals:
+        heads = [k[4:] for k in evals[0] if k.startswith("acc_") and not k.endswith(("_std", "_weighted"))]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        rounds = [int(r["round"]) for r in evals]
+        for h in heads:
+            mean = [float(r[f"acc_{h}"]) for r in evals]
+            std = [float(r[f"acc_{h}_std"]) for r in evals]
+            ax.plot(rounds, mean, label=h)
+            ax.fill_between(rounds, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.15)
+        ax.set(xlabel="round", ylabel="test accuracy (%)", title="global model: accuracy of each head")
+        ax.legend()
+        written.append(_save(fig, run_dir / "accuracy_vs_round.png"))
+    results_path = run_dir / "results.json"
+    pers = json.loads(results_path.read_text()).get("personalized") if results_path.exists() else None
+    if pers:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        epochs = list(range(len(pers["acc_mean"])))
+        ax.errorbar(epochs, pers["acc_mean"], yerr=pers["acc_std"], marker="o", capsize=3)
+        ax.set(xlabel="fine-tuning epoch", ylabel="personalised accuracy (%)", title="fine-tuning speed")
+        written.append(_save(fig, run_dir / "finetune_curve.png"))
+        fig, ax = plt.subplots(figsize=(6, 4))
+        final = [row[-1] for row in pers["per_client"]]
+        ax.hist(final, bins=min(30, max(5, len(final) // 3)))
+        ax.set(xlabel=f"personalised accuracy after {len(epochs) - 1} epochs (%)", ylabel="clients",
+               title="per-client personalised accuracy")
+        written.append(_save(fig, run_dir / "personalized_distribution.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path

@@ -1,0 +1,195 @@
+"""Run tracking: local CSV/JSON files (always), Weights & Biases (optional, never fatal), a progress bar, plots."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import atomic_write_bytes
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+
+    def write(fh):
+        import io
+
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+        fh.write(text.getvalue().encode())
+
+    atomic_write_bytes(path, write)
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_bytes(path, lambda fh: fh.write(json.dumps(data, indent=2, default=_jsonable).encode()))
+
+
+def _jsonable(obj):
+    try:
+        import numpy as np
+
+        if isinstance(obj, np.generic):
+            return obj.item()
+    except ImportError:  # pragma: no cover
+        pass
+    return str(obj)
+
+
+def wandb_mode(configured: str | None) -> str:
+    mode = configured or os.environ.get("WANDB_MODE") or "disabled"
+    if mode not in ("online", "offline", "disabled"):
+        warnings.warn(f"WANDB_MODE={mode!r} is not online/offline/disabled; tracking disabled", stacklevel=2)
+        return "disabled"
+    return mode
+
+
+def progress_enabled(configured: bool | None) -> bool:
+    if configured is not None:
+        return configured
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+class Tracker:
+    """Writes rounds.csv / evaluations.csv / results.json in the run directory and mirrors them to W&B."""
+
+    def __init__(self, cfg, run_dir: Path, total_rounds: int, start_round: int = 0):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.wandb = None
+        self._progress = None
+        self._task = None
+        self._latest = ""
+        mode = wandb_mode(cfg.tracking.wandb)
+        if mode != "disabled":
+            self._start_wandb(mode)
+        if progress_enabled(cfg.tracking.progress):
+            self._start_progress(total_rounds, start_round)
+
+    # -- W&B --------------------------------------------------------------------------------------------------
+    def _start_wandb(self, mode: str) -> None:
+        id_file = self.run_dir / "wandb_id.txt"
+        try:
+            import wandb
+
+            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            id_file.write_text(run_id)
+            t = self.cfg.tracking
+            self.wandb = wandb.init(
+                project=t.project, entity=t.entity, name=self.cfg.name, id=run_id, resume="allow", mode=mode,
+                dir=str(self.run_dir), config=self.cfg.to_dict(), tags=list(t.tags) or None,
+                settings=wandb.Settings(init_timeout=60, silent=True))
+        except Exception as err:  # noqa: BLE001  (tracking must never kill a run)
+            warnings.warn(f"W&B tracking disabled: {type(err).__name__}: {err}", stacklevel=2)
+            self.wandb = None
+
+    def _wandb_log(self, data: dict[str, Any], step: int | None = None) -> None:
+        if self.wandb is None:
+            return
+        try:
+            self.wandb.log(data, step=step)
+        except Exception as err:  # noqa: BLE001
+            warnings.warn(f"W&B log failed ({type(err).__name__}: {err}); continuing without W&B", stacklevel=2)
+            self.wandb = None
+
+    # -- progress bar -----------------------------------------------------------------------------------------
+    def _start_progress(self, total: int, done: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+            TimeRemainingColumn
+
+        self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                  TextColumn("{task.fields[latest]}"), transient=False)
+        self._progress.start()
+        self._task = self._progress.add_task("rounds", total=total, completed=done, latest="")
+
+    def message(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(text)
+        else:
+            print(text, flush=True)
+
+    # -- events -----------------------------------------------------------------------------------------------
+    def log_round(self, record: dict[str, Any], round_log: list[dict[str, Any]]) -> None:
+        write_csv(self.run_dir / "rounds.csv", round_log)
+        self._wandb_log({f"round/{k}": v for k, v in record.items() if k != "round"}, step=record["round"])
+        if self._progress is not None:
+            self._progress.update(self._task, completed=record["round"], latest=self._latest)
+
+    def log_eval(self, record: dict[str, Any], history: list[dict[str, Any]]) -> None:
+        write_csv(self.run_dir / "evaluations.csv", history)
+        heads = [k[4:] for k in record if k.startswith("acc_") and not k.endswith(("_std", "_weighted"))]
+        self._latest = f"acc {record['acc_final']:.2f}% (best {record['best_acc_final']:.2f}%)"
+        line = (f"round {record['round']:4d}  acc " + " / ".join(f"{h} {record['acc_' + h]:.2f}±"
+                                                                  f"{record['acc_' + h + '_std']:.2f}" for h in heads)
+                + f"  best {record['best_acc_final']:.2f} (round {record['best_round']})")
+        self.message(line)
+        self._wandb_log({f"eval/{k}": v for k, v in record.items() if k != "round" and v is not None},
+                        step=record["round"])
+
+    def log_personalization(self, pers: dict[str, Any]) -> None:
+        rows = [{"epoch": e, "acc_mean": m, "acc_std": s}
+                for e, (m, s) in enumerate(zip(pers["acc_mean"], pers["acc_std"]))]
+        write_csv(self.run_dir / "personalization.csv", rows)
+        self.message("personalised accuracy (final head) after fine-tuning epoch: " + ", ".join(
+            f"{r['epoch']}: {r['acc_mean']:.2f}±{r['acc_std']:.2f}" for r in rows))
+        if self.wandb is not None:
+            try:
+                import wandb
+
+                table = wandb.Table(columns=["epoch", "acc_mean", "acc_std"],
+                                    data=[[r["epoch"], r["acc_mean"], r["acc_std"]] for r in rows])
+                self.wandb.log({"personalization/curve": wandb.plot.line(table, "epoch", "acc_mean",
+                                                                         title="fine-tuning speed")})
+                self.wandb.summary["personalized/acc_mean"] = rows[-1]["acc_mean"]
+                self.wandb.summary["personalized/acc_std"] = rows[-1]["acc_std"]
+            except Exception as err:  # noqa: BLE001
+                warnings.warn(f"W&B log failed ({err}); continuing without W&B", stacklevel=2)
+                self.wandb = None
+
+    def finish(self, results: dict[str, Any]) -> None:
+        write_json(self.run_dir / "results.json", results)
+        if self.cfg.tracking.plots:
+            try:
+                from .plots import plot_run
+
+                for path in plot_run(self.run_dir):
+                    self._wandb_image(path)
+            except Exception as err:  # noqa: BLE001
+                warnings.warn(f"plotting failed: {type(err).__name__}: {err}", stacklevel=2)
+        if self.wandb is not None:
+            try:
+                for key in ("best_acc_final", "best_round", "rounds"):
+                    self.wandb.summary[key] = results.get(key)
+            except Exception:  # noqa: BLE001
+                pass
+        self.close()
+
+    def _wandb_image(self, path: Path) -> None:
+        if self.wandb is None:
+            return
+        try:
+            import wandb
+
+            self.wandb.log({f"plots/{path.stem}": wandb.Image(str(path))})
+        except Exception:  # noqa: BLE001
+            pass
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        if self.wandb is not None:
+            try:
+                self.wandb.finish()
+            except Exception:  # noqa: BLE001
+                pass
+            self.wandb = None
