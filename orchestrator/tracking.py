@@ -5,6 +5,7 @@ import csv
 import json
 import os
 import sys
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,7 @@ class Tracker:
         try:
             import wandb
 
-            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
             t = self.cfg.tracking
             self.wandb = wandb.init(
