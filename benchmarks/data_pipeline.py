@@ -27,7 +27,7 @@ from torchvision import transforms  # noqa: E402
 
 from fl_sd.data import DeviceData, client_batches, load_dataset, make_partition, seeded_generator  # noqa: E402
 
-CIFAR10_MINI = "/work/shared/data/cifar10_mini.npz"
+CIFAR10_MINI = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "cifar10_mini.npz")
 
 
 class PILDataset(Dataset):

@@ -108,7 +108,7 @@ class ArrayDataModule(pl.LightningDataModule):
     def from_npz(cls, path: str | Path, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  **kwargs) -> "ArrayDataModule":
         """Read an ``.npz`` with ``train_images``, ``train_labels``, ``test_images``, ``test_labels`` (HWC uint8), as
-        ``/work/shared/data/cifar10_mini.npz``. ``mean``/``std`` default to the per-channel statistics of the training
+        ``../shared/data/cifar10_mini.npz``. ``mean``/``std`` default to the per-channel statistics of the training
         images; pass :data:`CIFAR10_MEAN`/:data:`CIFAR10_STD` (or the CIFAR-100 ones) for the reference's constants."""
         with np.load(path, allow_pickle=False) as data:
             missing = {"train_images", "train_labels", "test_images", "test_labels"} - set(data.files)

@@ -17,7 +17,7 @@ from fl_sd.models import create_model, model_entry
 from lightning_modules import (CIFAR10_MEAN, CIFAR10_STD, ArrayDataModule, ClientUpdate, MultiHeadClassifier,
                                NonFiniteLossError)
 
-CIFAR10_MINI = Path("/work/shared/data/cifar10_mini.npz")
+CIFAR10_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_mini.npz"
 needs_cifar = pytest.mark.skipif(not CIFAR10_MINI.exists(), reason=f"{CIFAR10_MINI} not available")
 
 

@@ -11,7 +11,7 @@ import pytest
 from fl_sd.data import DataError, ImageDataset, load_dataset, make_synthetic
 from fl_sd.data import sources
 
-SHARED = "/work/shared/data"
+SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
 CIFAR10_MINI = os.path.join(SHARED, "cifar10_mini.npz")
 CIFAR100_MINI = os.path.join(SHARED, "cifar100_mini.npz")
 needs_mini = pytest.mark.skipif(not os.path.isfile(CIFAR10_MINI), reason="shared cifar mini arrays absent")

@@ -12,7 +12,7 @@ from PIL import Image
 
 from fl_sd.data import DataError, DeviceData, client_batches, load_dataset, make_synthetic, seeded_generator
 
-CIFAR10_MINI = "/work/shared/data/cifar10_mini.npz"
+CIFAR10_MINI = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "cifar10_mini.npz")
 
 
 @pytest.fixture(scope="module")
