@@ -1,12 +1,12 @@
 """Atomic checkpoints of a whole federation: written to a temporary file, fsynced, then renamed over the old one."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from fl_sd.io import atomic_write as atomic_write_bytes
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT_VERSION = 1
@@ -14,22 +14,6 @@ FORMAT_VERSION = 1
 
 class CheckpointError(ValueError):
     """A missing, corrupt or mismatched checkpoint."""
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(fileobj)`` on a temporary file beside ``path``, fsync it, then ``os.replace`` it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any], meta: dict[str, Any]) -> Path:

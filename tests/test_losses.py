@@ -17,15 +17,6 @@ from fl_sd.losses import PRESETS, LossConfig, LossOutput, MultiHeadLoss, loss_co
 from fl_sd.models import MultiHeadOutput
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is as fast, and far faster when other processes share the 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -11,12 +11,12 @@ seed fixes the partition. The algorithm and its distribution are otherwise ident
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
+from ..io import atomic_write
 from .sources import DataError
 
 __all__ = ["Partition", "make_partition", "shard_partition", "dirichlet_partition", "iid_partition",
@@ -81,17 +81,7 @@ class Partition:
                 arrays[f"meta_{key}"] = np.asarray(val)
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".partition-", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Partition":
