@@ -22,15 +22,6 @@ TINY = ("--data.num_clients", "4", "--data.synthetic",
         "--personalization.epochs", "1", "--checkpoint.every", "1")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one intra-op thread is faster, and far faster on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_fed(tmp_path, algorithm, *overrides, name="run"):
     cfg = tiny_config(tmp_path / name, *TINY, "--algorithm.name", algorithm, *overrides)
     return Federation(cfg, tmp_path / name)

@@ -50,6 +50,9 @@ class Algorithm:
     aggregate: ClassVar[str] = "full"
     #: each client keeps its own head across rounds (not averaged), and is evaluated/personalised with it
     personal_head: ClassVar[bool] = False
+    #: the entry of ``fed.client_state[client]`` holding the part of the model a client keeps for itself ("body",
+    #: or "personal" for a whole personal model), loaded on top of the global model for evaluation/personalisation
+    personal_state: ClassVar[str | None] = None
     #: defaults for the model's constructor options (the config's model.options override them)
     model_defaults: ClassVar[dict[str, Any]] = {"track_running_stats": False}
     #: algorithm-specific options: name -> default (the config's algorithm.options override them)
@@ -109,7 +112,7 @@ class Algorithm:
     @property
     def per_client_models(self) -> bool:
         """True when clients' models differ (evaluation then runs client by client)."""
-        return self.personal_head
+        return self.personal_head or self.personal_state is not None
 
     def load_client_model(self, fed: "Federation", client: int, base_state: State,
                           store: dict[int, dict[str, State]]) -> None:
@@ -118,5 +121,6 @@ class Algorithm:
         from ..federation import load_state_
 
         load_state_(fed.module.net, base_state)
-        if self.personal_head and client in store:
-            load_state_(fed.module.net, store[client]["head"])
+        key = "head" if self.personal_head else self.personal_state
+        if key is not None and client in store:
+            load_state_(fed.module.net, store[client][key])

@@ -31,6 +31,7 @@ class Ditto(Algorithm):
     loss = "ce"
     train_part = "full"
     aggregate = "full"
+    personal_state = "personal"
     option_defaults = {"lam": 0.75, "reset_personal": False}
 
     @classmethod
@@ -55,14 +56,3 @@ class Ditto(Algorithm):
         fed.client_state[client] = {"personal": _local.full_state(fed)}
         update.metrics["personal_loss"] = personal["loss"]
         return update
-
-    @property
-    def per_client_models(self) -> bool:
-        return True
-
-    def load_client_model(self, fed, client, base_state, store):
-        from ..federation import load_state_
-
-        load_state_(fed.module.net, base_state)
-        if client in store:
-            load_state_(fed.module.net, store[client]["personal"])

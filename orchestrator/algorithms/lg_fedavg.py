@@ -30,6 +30,7 @@ class LGFedAvg(Algorithm):
     loss = "ce"
     train_part = "full"
     aggregate = "head"
+    personal_state = "body"
     option_defaults = {"init_from": None}
 
     @classmethod
@@ -60,16 +61,6 @@ class LGFedAvg(Algorithm):
     def shared_state(self, fed, update):
         return dict(update.head_state)
 
-    @property
-    def per_client_models(self) -> bool:
-        return True
-
-    def load_client_model(self, fed, client, base_state, store):
-        from ..federation import load_state_
-
-        load_state_(fed.module.net, base_state)
-        if client in store:
-            load_state_(fed.module.net, store[client]["body"])
 
 
 def load_init_state(run_dir: Path, fed) -> dict[str, torch.Tensor]:

@@ -22,8 +22,8 @@ class PerFedAvg(Algorithm):
     plain SGD). The whole model is averaged.
 
     A client's personalised model is the global model after one SGD step (alpha = the learning rate of the round after
-    the one that produced the model, as FedBABU's code) on one batch of ITS OWN TRAINING data -- the paper's definition; it is what the client is evaluated with and
-    what personalisation fine-tunes from.
+    the one that produced the model, as FedBABU's code) on one batch of ITS OWN TRAINING data -- the paper's
+    definition; it is what the client is evaluated with and what personalisation fine-tunes from.
 
     Options:
         beta: the outer (meta) learning rate, 0.1 as FedBABU's code.
