@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Literal, NamedTuple
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

@@ -249,7 +249,6 @@ class Federation:
         use_best = self.cfg.federation.select == "best" and self.best["state"] is not None
         start = self.best["state"] if use_best else self.global_state
         client_start = self.best.get("client_state", {}) if use_best else self.client_state
-        net = self.module.net
         n = self.cfg.data.num_clients
         curve = np.zeros((p.epochs + 1, n))
         self.module.loss_fn = MultiHeadLoss(self.ft_loss)

@@ -11,7 +11,7 @@ from fl_sd.data import Partition
 
 from .backends import make_backend
 from .checkpoint import CHECKPOINT, CheckpointError, load_checkpoint, save_checkpoint
-from .config import Config, ConfigError, config_from_dict
+from .config import Config, config_from_dict
 from .federation import Federation
 from .tracking import Tracker
 

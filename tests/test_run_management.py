@@ -8,12 +8,11 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 import yaml
 
-from fed_fixtures import REPO, SHARED_DATA, tiny_config
+from fed_fixtures import REPO, tiny_config
 from orchestrator import checkpoint as ckpt
 from orchestrator.federation import TrainingDiverged
 from orchestrator.main import main

@@ -55,7 +55,7 @@ class PerFedAvg(Algorithm):
             raise ValueError(f"perfedavg option adapt_on must be train or test, got {options['adapt_on']!r}")
 
     def local_update(self, fed, client, batches, lr):
-        module, net = fed.module, fed.module.net
+        module = fed.module
         module.load_state(fed.global_state)
         batches = list(batches)
         if len(batches) % 2:
