@@ -65,7 +65,7 @@ def bench(setting: str, rounds: int, num_cpus: float, threads: list[int], root: 
     for n in threads:
         torch.set_num_threads(n)
         fed = make_fed(setting, root / f"{setting}-inprocess-{n}")
-        backend = InProcessBackend()
+        backend = InProcessBackend(fed.runtime, fed.algorithm)
         first = time_rounds(fed, backend, 1)[0]
         steady = time_rounds(fed, backend, rounds)
         rows.append({"setting": setting, "backend": f"inprocess ({n} torch thread{'s' if n > 1 else ''})",
@@ -74,10 +74,9 @@ def bench(setting: str, rounds: int, num_cpus: float, threads: list[int], root: 
 
     from orchestrator.flower_backend import FlowerBackend
 
-    options = f'{{"num_cpus": {num_cpus}}}'
-    fed = make_fed(setting, root / f"{setting}-flower", "--backend", "flower", "--flower", options)
+    fed = make_fed(setting, root / f"{setting}-flower", "--backend", "flower", "--flower.num_cpus", str(num_cpus))
     t0 = time.perf_counter()
-    backend = FlowerBackend(fed)
+    backend = FlowerBackend(fed.cfg, fed.run_dir, fed.runtime)
     start = time.perf_counter() - t0
     try:
         first = time_rounds(fed, backend, 1)[0]

@@ -24,7 +24,7 @@ from fl_sd.losses import MultiHeadLoss  # noqa: E402
 from orchestrator.aggregation import WeightedMean  # noqa: E402
 from orchestrator.backends import InProcessBackend  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
-from orchestrator.federation import Federation, load_state_  # noqa: E402
+from orchestrator.federation import Federation  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {  # model -> (classes, per-class train images so that 10 clients hold 500 each)
@@ -47,25 +47,26 @@ def build(model: str, device: str, run_dir: str) -> Federation:
 
 def floor_round(fed: Federation, round_idx: int) -> None:
     """The same arithmetic as one round, written as a bare loop."""
-    net = fed.module.net
-    loss_fn = MultiHeadLoss(fed.train_loss)
+    rt, g = fed.runtime, fed.server.global_state
+    net = rt.net
+    loss_fn = MultiHeadLoss(rt.train_loss)
     lr = fed.lr(round_idx)
     agg = WeightedMean()
-    body = set(fed.body_keys)
+    body = set(rt.body_keys)
     for p in net.head_parameters():
         p.requires_grad_(False)
     for client in fed.sample_clients(round_idx).tolist():
-        load_state_(net, fed.global_state)
+        rt.load(g)
         net.train()
         opt = torch.optim.SGD([p for p in net.body_parameters()], lr=lr, momentum=fed.cfg.federation.momentum,
                               weight_decay=fed.cfg.federation.weight_decay)
-        for x, y in fed.client_batches(client, round_idx, fed.cfg.federation.local_epochs):
+        for x, y in rt.batches(client, round_idx, fed.cfg.federation.local_epochs):
             opt.zero_grad(set_to_none=True)
             loss_fn(net(x), y).total.backward()
             opt.step()
-        agg.add({k: v for k, v in net.state_dict().items() if k in body}, float(fed.num_train_samples(client)))
+        agg.add({k: v for k, v in net.state_dict().items() if k in body}, float(rt.num_train_samples(client)))
     for k, v in agg.result().items():
-        fed.global_state[k].copy_(v)
+        g[k].copy_(v)
     for p in net.head_parameters():
         p.requires_grad_(True)
 
@@ -90,7 +91,7 @@ def main() -> None:
     for model in args.models:
         with tempfile.TemporaryDirectory() as tmp:
             fed = build(model, args.device, tmp)
-            backend = InProcessBackend()
+            backend = InProcessBackend(fed.runtime, fed.algorithm)
             fed.run_round(backend)  # warm-up
             floor_round(fed, 1)
             ours, floor = [], []

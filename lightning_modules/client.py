@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from fl_sd.hooks import StepHooks
 from fl_sd.losses import PRESETS, LossConfig, LossOutput, MultiHeadLoss, loss_config
 from fl_sd.models import MultiHeadNet, MultiHeadOutput, create_model, list_models, model_entry
 
@@ -126,6 +127,8 @@ class MultiHeadClassifier(pl.LightningModule):
             if not isinstance(net, MultiHeadNet):
                 raise TypeError(f"net must be a fl_sd.models.MultiHeadNet, got {type(net).__name__}")
             model_name = _registered_name(net)
+            # What a checkpoint needs to rebuild this very network (load_from_checkpoint), not the defaults above.
+            self.hparams.update(model=model_name, num_classes=net.num_classes, model_options=net.build_options())
         self.net = net
         self.loss_fn = MultiHeadLoss(build_loss_config(loss, loss_options, model_name))
         if momentum < 0 or weight_decay < 0:
@@ -183,21 +186,12 @@ class MultiHeadClassifier(pl.LightningModule):
             if head_lr < 0:
                 raise ValueError(f"head_lr must be >= 0, got {head_lr}")
             self.head_lr = float(head_lr)
-        train_body, train_head = part in ("body", "full"), part in ("head", "full")
-        for p in self.net.body_parameters():
-            p.requires_grad_(train_body)
-        for p in self.net.head_parameters():
-            p.requires_grad_(train_head)
+        self._freeze_except(part)
         self.train_part = part
 
     def param_groups(self) -> list[dict]:
         """SGD parameter groups of the trainable parts: ``body`` at ``lr``, ``head`` at ``head_lr``."""
-        groups = []
-        if self.train_part in ("body", "full"):
-            groups.append({"params": list(self.net.body_parameters()), "lr": self.lr, "name": "body"})
-        if self.train_part in ("head", "full"):
-            groups.append({"params": list(self.net.head_parameters()), "lr": self.effective_head_lr, "name": "head"})
-        return [g for g in groups if g["params"]]
+        return self._param_groups(self.train_part, self.lr, self.effective_head_lr)
 
     def make_optimizer(self) -> torch.optim.SGD:
         return torch.optim.SGD(self.param_groups(), lr=self.lr, momentum=self.momentum,
@@ -277,14 +271,24 @@ class MultiHeadClassifier(pl.LightningModule):
             self._head_keys = tuple(self.net.head_state_keys())
         return self._state_cache
 
+    def _part_keys(self, part: str | None) -> tuple[str, ...]:
+        refs = self._state_refs()
+        if part is None or part == "full":
+            return tuple(refs)
+        if part == "body":
+            return self._body_keys
+        if part == "head":
+            return self._head_keys
+        raise ValueError(f"unknown model part {part!r}; choose body, head or full")
+
     @torch.no_grad()
     def load_state(self, state: Mapping[str, Tensor], part: str | None = None) -> None:
         """Copy ``state`` into the network in place (``Tensor.copy_``: same tensors, no new module).
 
-        ``part`` (``body``/``head``) restricts the allowed keys. Keys missing from ``state`` keep their values.
+        ``part`` (``body``/``head``/``full``) restricts the allowed keys. Keys missing from ``state`` keep their values.
         """
         refs = self._state_refs()
-        allowed = set(self._body_keys if part == "body" else self._head_keys if part == "head" else refs)
+        allowed = set(self._part_keys(part))
         dst, src = [], []
         for key, value in state.items():
             if key not in allowed:
@@ -300,23 +304,30 @@ class MultiHeadClassifier(pl.LightningModule):
 
     @torch.no_grad()
     def get_state(self, part: str = "body") -> dict[str, Tensor]:
-        """Detached clones of the ``body`` or ``head`` state (parameters and buffers)."""
+        """Detached clones of the ``body``, ``head`` or ``full`` state (parameters and buffers)."""
         refs = self._state_refs()
-        keys = self._body_keys if part == "body" else self._head_keys
-        return {k: refs[k].detach().clone() for k in keys}
+        return {k: refs[k].detach().clone() for k in self._part_keys(part)}
 
-    def local_update(self, batches: Iterable[tuple[Tensor, Tensor]], *, body_state: Mapping[str, Tensor] | None = None,
-                     head_state: Mapping[str, Tensor] | None = None, train_part: str | None = None,
-                     lr: float | None = None, head_lr: float | None = None, return_head: bool = False,
-                     num_samples: int | None = None, on_epoch_end: Callable[[int], None] | None = None,
+    def local_update(self, batches: Iterable[tuple[Tensor, Tensor]], *, state: Mapping[str, Tensor] | None = None,
+                     body_state: Mapping[str, Tensor] | None = None, head_state: Mapping[str, Tensor] | None = None,
+                     train_part: str | None = None, lr: float | None = None, head_lr: float | None = None,
+                     loss: LossConfig | MultiHeadLoss | None = None, hooks: StepHooks | None = None,
+                     return_head: bool = False, num_samples: int | None = None,
+                     on_epoch_end: Callable[[int], None] | None = None,
                      steps_per_epoch: int | None = None) -> ClientUpdate:
         """One client update: load states in place, one SGD step per ``(x, y)`` in ``batches``, return the result.
 
-        ``batches`` already holds every local epoch (e.g. tau x 10 batches of 50); tensors are moved to the module's
-        device if they are not there yet (a no-op when they are). ``train_part``/``lr``/``head_lr``, when given, are
-        applied with :meth:`set_train_part` and stay in effect. A fresh SGD optimizer is built (momentum buffers reset
-        every update, as the reference). The network's train/eval mode is restored afterwards and its gradients are
-        released. Metrics are accumulated on the device; the only host synchronisation is at the end.
+        ``state`` (any state-dict keys, e.g. a whole model), then ``body_state`` and ``head_state`` are copied into the
+        network first. ``batches`` already holds every local epoch (e.g. tau x 10 batches of 50); tensors are moved to
+        the module's device if they are not there yet (a no-op when they are).
+
+        This call's settings -- ``train_part``, ``lr``, ``head_lr`` (default: ``lr`` when ``lr`` is given, else the
+        module's), ``loss`` (a :class:`~fl_sd.losses.LossConfig` or a :class:`~fl_sd.losses.MultiHeadLoss`; default:
+        the module's) -- apply to this call only: nothing is left set on the module. A fresh SGD optimizer is built
+        (momentum buffers reset every update, as the reference). ``hooks`` (:class:`fl_sd.hooks.StepHooks`) add what an
+        algorithm needs to each step (a proximal term, meta-steps, ...). The network's train/eval mode and
+        ``requires_grad`` flags are restored afterwards and its gradients released. Metrics are accumulated on the
+        device; the only host synchronisation is at the end.
 
         ``on_epoch_end(epoch)`` (requires ``steps_per_epoch``) is called after every ``steps_per_epoch`` steps with the
         1-based number of the epoch just finished -- e.g. to evaluate after each fine-tuning epoch without resetting
@@ -328,20 +339,25 @@ class MultiHeadClassifier(pl.LightningModule):
         """
         if on_epoch_end is not None and (steps_per_epoch is None or steps_per_epoch < 1):
             raise ValueError(f"on_epoch_end needs steps_per_epoch >= 1, got {steps_per_epoch!r}")
-        if train_part is not None or lr is not None or head_lr is not None:
-            self.set_train_part(train_part or self.train_part, lr=lr, head_lr=head_lr)
-        if body_state is not None:
-            self.load_state(body_state, "body")
-        if head_state is not None:
-            self.load_state(head_state, "head")
-        net, loss_fn = self.net, self.loss_fn
-        optimizer = self.make_optimizer()
+        part = self.train_part if train_part is None else train_part
+        body_lr = self.lr if lr is None else float(lr)
+        if head_lr is None:
+            head_lr = body_lr if lr is not None else self.effective_head_lr
+        loss_fn = self.loss_fn if loss is None else loss if isinstance(loss, MultiHeadLoss) else MultiHeadLoss(loss)
+        hooks = hooks or StepHooks()
+        for key, given in (("state", state), ("body", body_state), ("head", head_state)):
+            if given is not None:
+                self.load_state(given, None if key == "state" else key)
+        groups = self._param_groups(part, body_lr, head_lr)
+        net = self.net
+        optimizer = torch.optim.SGD(groups, lr=body_lr, momentum=self.momentum, weight_decay=self.weight_decay)
         device = next(net.parameters()).device
         was_training = net.training
         net.train()
         records: list[Tensor] = []
-        processed = 0
+        processed = steps = 0
         try:
+            self._freeze_except(part)
             with torch.enable_grad():
                 for x, y in batches:
                     x = x.to(device, non_blocking=True)
@@ -350,14 +366,19 @@ class MultiHeadClassifier(pl.LightningModule):
                     losses = loss_fn(out, y)
                     optimizer.zero_grad(set_to_none=True)
                     losses.total.backward()
-                    optimizer.step()
-                    records.append(self._step_record(losses, out, y))
-                    processed += y.shape[0]
-                    if on_epoch_end is not None and len(records) % steps_per_epoch == 0:
-                        on_epoch_end(len(records) // steps_per_epoch)
+                    if not hooks.before_step(steps, optimizer):
+                        optimizer.step()
+                    hooks.after_step(steps, optimizer)
+                    if hooks.record(steps):
+                        records.append(self._step_record(losses, out, y))
+                        processed += y.shape[0]
+                    steps += 1
+                    if on_epoch_end is not None and steps % steps_per_epoch == 0:
+                        on_epoch_end(steps // steps_per_epoch)
                         net.train()
         finally:
             optimizer.zero_grad(set_to_none=True)
+            self._freeze_except(self.train_part)
             if not was_training:
                 net.eval()
         if not records:
@@ -370,6 +391,28 @@ class MultiHeadClassifier(pl.LightningModule):
             num_steps=len(records),
             metrics=metrics,
         )
+
+    def _param_groups(self, part: str, lr: float, head_lr: float) -> list[dict]:
+        """SGD groups of what ``part`` trains: ``body`` at ``lr``, ``head`` at ``head_lr``, each with its ``names``."""
+        if part not in TRAIN_PARTS:
+            raise ValueError(f"train_part must be one of {TRAIN_PARTS}, got {part!r}")
+        if lr < 0 or head_lr < 0:
+            raise ValueError(f"learning rates must be >= 0, got lr={lr}, head_lr={head_lr}")
+        groups = []
+        for name, group_lr in (("body", lr), ("head", head_lr)):
+            if part in (name, "full"):
+                named = self.net.named_part_parameters(name)
+                if named:
+                    groups.append({"params": [p for _, p in named], "names": [n for n, _ in named], "lr": group_lr,
+                                   "name": name})
+        return groups
+
+    def _freeze_except(self, part: str) -> None:
+        train_body, train_head = part in ("body", "full"), part in ("head", "full")
+        for p in self.net.body_parameters():
+            p.requires_grad_(train_body)
+        for p in self.net.head_parameters():
+            p.requires_grad_(train_head)
 
     @torch.no_grad()
     def _loss_temp_values(self, losses: LossOutput, out: MultiHeadOutput) -> Tensor:

@@ -15,9 +15,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-#: Normalisation constants of the reference (SPEC 6.1). CIFAR-10 uses ImageNet's.
-CIFAR10_MEAN, CIFAR10_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-CIFAR100_MEAN, CIFAR100_STD = (0.507, 0.487, 0.441), (0.267, 0.256, 0.276)
+from fl_sd.data import NORMALISATION, load_npz
+
+#: Normalisation constants of the reference (SPEC 6.1; one place: ``fl_sd.data.NORMALISATION``). CIFAR-10 uses
+#: ImageNet's.
+CIFAR10_MEAN, CIFAR10_STD = NORMALISATION["cifar10"]
+CIFAR100_MEAN, CIFAR100_STD = NORMALISATION["cifar100"]
 
 
 def train_transform(mean: Sequence[float], std: Sequence[float], size: int = 32, augment: bool = True):
@@ -35,19 +38,6 @@ def train_transform(mean: Sequence[float], std: Sequence[float], size: int = 32,
 def test_transform(mean: Sequence[float], std: Sequence[float]):
     """ToTensor -> Normalize."""
     return transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
-
-
-def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 images ``(N, H, W[, C])``, in [0, 1] units."""
-    images = np.asarray(images)
-    if images.ndim == 3:
-        images = images[..., None]
-    means, stds = [], []
-    for c in range(images.shape[-1]):
-        channel = images[..., c].astype(np.float32) / 255.0
-        means.append(float(channel.mean(dtype=np.float64)))
-        stds.append(float(channel.std(dtype=np.float64)))
-    return tuple(means), tuple(stds)
 
 
 class ArrayDataset(Dataset):
@@ -108,17 +98,15 @@ class ArrayDataModule(pl.LightningDataModule):
     def from_npz(cls, path: str | Path, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  **kwargs) -> "ArrayDataModule":
         """Read an ``.npz`` with ``train_images``, ``train_labels``, ``test_images``, ``test_labels`` (HWC uint8), as
-        ``../shared/data/cifar10_mini.npz``. ``mean``/``std`` default to the per-channel statistics of the training
-        images; pass :data:`CIFAR10_MEAN`/:data:`CIFAR10_STD` (or the CIFAR-100 ones) for the reference's constants."""
-        with np.load(path, allow_pickle=False) as data:
-            missing = {"train_images", "train_labels", "test_images", "test_labels"} - set(data.files)
-            if missing:
-                raise ValueError(f"{path}: missing array(s) {sorted(missing)}")
-            arrays = {k: data[k] for k in ("train_images", "train_labels", "test_images", "test_labels")}
-        if mean is None or std is None:
-            stats = channel_stats(arrays["train_images"])
-            mean = stats[0] if mean is None else mean
-            std = stats[1] if std is None else std
+        ``../shared/data/cifar10_mini.npz``, with :func:`fl_sd.data.load_npz` (a bad file raises
+        :class:`fl_sd.data.DataError`). ``mean``/``std`` default to the per-channel statistics of the training
+        images (:func:`fl_sd.data.channel_stats`, as the federated npz source); pass :data:`CIFAR10_MEAN` /
+        :data:`CIFAR10_STD` (or the CIFAR-100 ones) for the reference's constants."""
+        ds = load_npz(path)  # the federated npz source's loader: same checks, same channel statistics
+        arrays = {"train_images": ds.train_images, "train_labels": ds.train_labels, "test_images": ds.test_images,
+                  "test_labels": ds.test_labels}
+        mean = ds.mean if mean is None else mean
+        std = ds.std if std is None else std
         return cls(**arrays, mean=mean, std=std, **kwargs)
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:

@@ -1,34 +1,57 @@
-"""Execution backends: run the local updates of a round's clients and stream each result to a sink."""
+"""Execution backends: run the local updates of a round's clients and stream each result, in the given client order,
+to the round loop.
+
+Contract: ``backend.run_clients(jobs, global_state, on_result)`` runs every :class:`~orchestrator.algorithms.context.
+ClientJob` (client, round, lr, the client's own kept state) from the round's ``global_state`` and calls
+``on_result(ClientResult)`` once per job, in job order (so the aggregation's floating-point sum is the same on every
+backend); ``close()`` releases what the backend started. Backends are registered by name; the Flower backend is
+imported only when asked for (Flower is an optional dependency).
+"""
 from __future__ import annotations
 
 from typing import Callable
 
+from .algorithms import Algorithm
+from .algorithms.context import ClientJob, State
+from .clients import ClientResult, ClientRuntime, run_client
+from .config import Config
+
 
 class InProcessBackend:
-    """Runs clients one after another in this process, on the federation's device (GPU when present)."""
+    """Runs clients one after another in this process, on the runtime's device (GPU when present)."""
 
     name = "inprocess"
 
-    def run_clients(self, fed, round_idx: int, clients: list[int], lr: float, sink: Callable) -> None:
-        epochs = fed.cfg.federation.local_epochs
-        for client in clients:
-            try:
-                update = fed.algorithm.local_update(fed, client, fed.client_batches(client, round_idx, epochs), lr)
-            except FloatingPointError as err:
-                raise FloatingPointError(f"client {client}: {err}") from None
-            sink(client, update)
+    def __init__(self, runtime: ClientRuntime, algorithm: Algorithm):
+        self.runtime, self.algorithm = runtime, algorithm
+
+    def run_clients(self, jobs: list[ClientJob], global_state: State, on_result: Callable[[ClientResult], None]) -> None:
+        for job in jobs:
+            on_result(run_client(self.runtime, self.algorithm, job, global_state))
 
     def close(self) -> None:
         pass
 
 
-def make_backend(name: str, fed=None):
-    if name == "inprocess":
-        return InProcessBackend()
-    if name == "flower":
-        try:
-            from .flower_backend import FlowerBackend
-        except ImportError as err:
-            raise RuntimeError(f"backend flower needs Flower: pip install -e \".[flower]\" ({err})") from None
-        return FlowerBackend(fed)
-    raise ValueError(f"unknown backend {name!r}")
+def _inprocess(cfg: Config, run_dir, runtime: ClientRuntime, algorithm: Algorithm) -> InProcessBackend:
+    return InProcessBackend(runtime, algorithm)
+
+
+def _flower(cfg: Config, run_dir, runtime: ClientRuntime, algorithm: Algorithm):
+    try:
+        from .flower_backend import FlowerBackend  # optional dependency: flwr[simulation]
+    except ImportError as err:
+        raise RuntimeError(f"backend flower needs Flower: pip install -e \".[flower]\" ({err})") from None
+    return FlowerBackend(cfg, run_dir, runtime)
+
+
+#: backend name -> factory(cfg, run_dir, runtime, algorithm)
+BACKENDS: dict[str, Callable] = {"inprocess": _inprocess, "flower": _flower}
+
+
+def make_backend(name: str, cfg: Config, run_dir, runtime: ClientRuntime, algorithm: Algorithm):
+    try:
+        factory = BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}") from None
+    return factory(cfg, run_dir, runtime, algorithm)

@@ -2,20 +2,49 @@
 
 Parsing is jsonargparse's (what LightningCLI users know): unknown keys and wrong types are rejected by the parser;
 :func:`validate` then checks values and cross-field rules before any work starts. Every error is a
-:class:`ConfigError` with one line that names the key.
+:class:`~orchestrator.errors.ConfigError` with one line that names the key.
+
+Sections that belong to one choice are typed too: ``data.synthetic`` (the synthetic source), ``algorithm.loss_options``
+(:class:`~fl_sd.losses.LossConfig` overrides), ``flower`` (the Flower backend), and one section per algorithm with
+options, ``algorithm.<name>`` (its ``Options`` dataclass, e.g. ``algorithm.ditto.lam``), built from the algorithm
+registry when a config is parsed, so an algorithm defined in one file brings its options with it.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Optional
+from pathlib import Path
+from typing import Any, Literal, Optional
 
 import yaml
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
+
+from fl_sd.losses import PRESETS, loss_config
+from fl_sd.models import list_models
+
+from .algorithms import AlgorithmOptions, get_algorithm, list_algorithms
+from .errors import ConfigError, OptionError
+from .rundir import read_run_config
 
 
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the key and the fix."""
+@dataclass
+class SyntheticOptions:
+    """The synthetic source's options (fl_sd.data.make_synthetic); used with ``data.dataset: synthetic`` only."""
+
+    num_classes: int = 10
+    train_per_class: int = 500
+    test_per_class: int = 100
+    image_size: int = 32
+    channels: int = 3
+    seed: int = 0
+    contrast: float = 64.0
+    clutter: float = 1.0
+    noise: int = 48
+    max_shift: int = 2
 
 
 @dataclass
@@ -31,7 +60,7 @@ class DataConfig:
     shards_per_client: int = 100  #: s, for ``partition: shards``
     alpha: float = 0.5  #: Dirichlet concentration, for ``partition: dirichlet``
     augment: bool = True  #: the paper's RandomCrop(32, pad 4) + horizontal flip on training batches
-    synthetic: dict = field(default_factory=dict)  #: options of the synthetic source (num_classes, train_per_class, ...)
+    synthetic: SyntheticOptions = field(default_factory=SyntheticOptions)
 
 
 @dataclass
@@ -42,11 +71,26 @@ class ModelConfig:
 
 
 @dataclass
+class LossOptions:
+    """Overrides of the loss preset's fields (fl_sd.losses.LossConfig); null keeps the preset's / model's value."""
+
+    aux_weight: Optional[float] = None
+    kd_weight: Optional[float] = None
+    temperature: Optional[float] = None
+    use_scaler: Optional[bool] = None
+    direction: Optional[Literal["mutual", "self"]] = None
+    gating: Optional[Literal["correct", "batch", "none"]] = None
+    reduction: Optional[Literal["mean", "batchmean"]] = None
+    detach_teacher: Optional[bool] = None
+
+
+@dataclass
 class AlgorithmConfig:
-    name: str = "mhmd"  #: fedavg, fedbabu, fedper, mhmd, mhmd_* ablations (see orchestrator/algorithms)
+    """The algorithm; ``algorithm.<name>.*`` (one section per algorithm with options) are added from the registry."""
+
+    name: str = "mhmd"  #: fedavg, fedbabu, fedper, mhmd, mhmd_* ablations, ... (orchestrator/algorithms)
     loss: Optional[str] = None  #: loss preset; default: the algorithm's (mhmd -> mhmd, others -> ce)
-    loss_options: dict = field(default_factory=dict)  #: LossConfig field overrides, e.g. {reduction: batchmean}
-    options: dict = field(default_factory=dict)  #: algorithm-specific options
+    loss_options: LossOptions = field(default_factory=LossOptions)
 
 
 @dataclass
@@ -92,6 +136,19 @@ class CheckpointConfig:
 
 
 @dataclass
+class FlowerConfig:
+    """The Flower backend (``backend: flower``): Ray resources of each simulated client, cluster, timeouts."""
+
+    num_cpus: float = 1.0  #: CPUs per simulated client (Ray actor resources); also the client's torch threads
+    num_gpus: float = 0.0  #: GPUs (a fraction shares one) per client; > 0 trains the clients on CUDA
+    ray_address: Optional[str] = None  #: join a running Ray cluster ("auto", "HOST:6379"); null starts a local one
+    ray_init_args: dict = field(default_factory=dict)  #: further ray.init() keyword arguments
+    round_timeout: Optional[float] = None  #: seconds to wait for a round's replies; null waits as long as it takes
+    startup_timeout: float = 300.0  #: seconds to wait for Ray, the actors and the Flower nodes to come up
+    verbose: bool = False  #: Flower's DEBUG logging
+
+
+@dataclass
 class Config:
     seed: int = 1
     name: Optional[str] = None  #: run name; default: derived from dataset, algorithm, s, f, tau, seed
@@ -105,12 +162,24 @@ class Config:
     personalization: PersonalizationConfig = field(default_factory=PersonalizationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    flower: dict = field(default_factory=dict)  #: Flower backend options (client resources, ...)
+    flower: FlowerConfig = field(default_factory=FlowerConfig)
 
     # -- derived ----------------------------------------------------------------------------------------------
     @property
     def clients_per_round(self) -> int:
         return max(1, int(self.federation.client_fraction * self.data.num_clients))
+
+    def algorithm_options(self) -> AlgorithmOptions:
+        """The selected algorithm's typed options (its ``algorithm.<name>`` section, else its defaults)."""
+        options = getattr(self.algorithm, self.algorithm.name, None)
+        return options if options is not None else get_algorithm(self.algorithm.name).Options()
+
+    def loss_options(self) -> dict[str, Any]:
+        """The ``algorithm.loss_options`` that are set (not null)."""
+        return {k: v for k, v in asdict(self.algorithm.loss_options).items() if v is not None}
+
+    def synthetic_options(self) -> dict[str, Any]:
+        return asdict(self.data.synthetic)
 
     def default_name(self) -> str:
         d, f = self.data, self.federation
@@ -119,28 +188,51 @@ class Config:
                 f"-tau{f.local_epochs}-R{f.rounds}-seed{self.seed}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Every key, with only the selected algorithm's options section (the others are at their defaults)."""
+        data = asdict(self)
+        for fld in dataclasses.fields(self.algorithm):
+            if fld.name != self.algorithm.name and isinstance(getattr(self.algorithm, fld.name), AlgorithmOptions):
+                data["algorithm"].pop(fld.name)
+        return data
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def _parser():
-    from jsonargparse import ActionConfigFile, ArgumentParser
+# -- the config classes with every registered algorithm's options ------------------------------------------------------
+_CLASSES: dict[tuple[tuple[str, type], ...], type[Config]] = {}
 
-    parser = ArgumentParser(prog="python orchestrator/main.py", exit_on_error=False,
+
+def config_class() -> type[Config]:
+    """:class:`Config` whose ``algorithm`` section has one typed field per registered algorithm with options."""
+    sections = tuple((name, get_algorithm(name).Options) for name in list_algorithms()
+                     if dataclasses.fields(get_algorithm(name).Options))
+    if sections not in _CLASSES:
+        algorithm_cls = dataclasses.make_dataclass(
+            "AlgorithmConfig", [(name, opts, field(default_factory=opts)) for name, opts in sections],
+            bases=(AlgorithmConfig,))
+        config_cls = dataclasses.make_dataclass(
+            "Config", [("algorithm", algorithm_cls, field(default_factory=algorithm_cls))], bases=(Config,))
+        for cls in (algorithm_cls, config_cls):
+            cls.__module__ = __name__
+            cls.__doc__ = cls.__mro__[1].__doc__
+        _CLASSES[sections] = config_cls
+    return _CLASSES[sections]
+
+
+def _parser(config_cls: type[Config]) -> ArgumentParser:
+    parser = ArgumentParser(prog="fl-sd", exit_on_error=False, allow_abbrev=False,
                             description="fl-sd: federated MHMD / FedBABU / FedAvg ... Options after --config override it.")
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config file (configs/*.yaml)")
     parser.add_argument("--resume", type=Optional[str], default=None, help="continue the run in this directory")
-    parser.add_class_arguments(Config)
+    parser.add_class_arguments(config_cls)
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, Optional[str]]:
     """Parse ``--config FILE`` plus dotted overrides into a validated :class:`Config` (and the --resume dir)."""
-    from jsonargparse import ArgumentError
-
-    parser = _parser()
+    config_cls = config_class()
+    parser = _parser(config_cls)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -154,7 +246,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Optional[str]]:
         if files and "parsing config" in message:
             message = f"{files[-1]} is not a valid YAML config ({message}); fix the file's syntax"
         raise ConfigError(message) from None
-    cfg = Config(**{k: getattr(cfg, k) for k in Config.__dataclass_fields__})
+    cfg = config_cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(config_cls)})
     validate(cfg)
     return cfg, resume
 
@@ -166,9 +258,17 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
 
 def config_from_dict(data: dict) -> Config:
-    """Rebuild a Config from :meth:`Config.to_dict` output (e.g. a run directory's config.yaml)."""
-    import tempfile
+    """Rebuild a Config from :meth:`Config.to_dict` output (e.g. a run directory's config.yaml).
 
+    Configs written before the typed algorithm options had ``algorithm.options``: it becomes ``algorithm.<name>``.
+    """
+    data = dict(data)
+    algorithm = dict(data.get("algorithm") or {})
+    if "options" in algorithm:
+        options = algorithm.pop("options") or {}
+        if options:
+            algorithm[algorithm.get("name", AlgorithmConfig.name)] = options
+        data["algorithm"] = algorithm
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
         yaml.safe_dump(data, fh)
     try:
@@ -177,12 +277,21 @@ def config_from_dict(data: dict) -> Config:
         os.unlink(fh.name)
 
 
+def load_run_config(run_dir: str | os.PathLike) -> Config:
+    """The config a run was started with (``--resume``); its ``run_dir`` is that directory."""
+    cfg = config_from_dict(read_run_config(Path(run_dir)))
+    cfg.run_dir = str(run_dir)
+    return cfg
+
+
 def _one_line(message: str) -> str:
     lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
     text = " ".join(lines)
     text = text.replace("Parser key ", "config key ").replace("Group ", "config section ")
-    if "unrecognized arguments" in text:
-        text += " (check the key's spelling: python orchestrator/main.py --help lists every key)"
+    text = re.sub(r"config section '([\w.]+)' does not accept option '([\w.]+)'",
+                  r"config key \1.\2: unknown key", text)
+    if "unrecognized arguments" in text or "unknown key" in text:
+        text += " (check the key's spelling: fl-sd --help lists every key)"
     return text
 
 
@@ -193,11 +302,6 @@ def _check(cond: bool, key: str, message: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Check values and cross-field rules; raise ConfigError naming the key. Cheap: no data is read."""
-    from fl_sd.losses import PRESETS, LossConfig
-    from fl_sd.models import list_models
-
-    from .algorithms import list_algorithms
-
     d, m, a, f, p = cfg.data, cfg.model, cfg.algorithm, cfg.federation, cfg.personalization
     _check(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
     _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device",
@@ -213,8 +317,11 @@ def validate(cfg: Config) -> None:
            f"unknown algorithm {a.name!r}; choose one of {list_algorithms()}")
     for key, preset in (("algorithm.loss", a.loss), ("personalization.loss", p.loss)):
         _check(preset is None or preset in PRESETS, key, f"unknown loss preset {preset!r}; choose one of {sorted(PRESETS)}")
-    bad = sorted(set(a.loss_options) - set(LossConfig.__dataclass_fields__))
-    _check(not bad, "algorithm.loss_options", f"unknown option(s) {bad}; valid: {sorted(LossConfig.__dataclass_fields__)}")
+    try:
+        loss_config(a.loss or get_algorithm(a.name).loss, **cfg.loss_options())
+    except ValueError as err:
+        raise ConfigError(f"config key algorithm.loss_options: {err}") from None
+    _validate_algorithm_sections(cfg)
     _check(f.rounds >= 1, "federation.rounds", f"must be >= 1, got {f.rounds}")
     _check(0 < f.client_fraction <= 1, "federation.client_fraction", f"must be in (0, 1], got {f.client_fraction}")
     _check(f.local_epochs >= 1, "federation.local_epochs", f"must be >= 1, got {f.local_epochs}")
@@ -232,12 +339,30 @@ def validate(cfg: Config) -> None:
     _check(p.lr >= 0, "personalization.lr", f"must be >= 0, got {p.lr}")
     _check(p.batch_size is None or p.batch_size >= 1, "personalization.batch_size", f"must be >= 1, got {p.batch_size}")
     _check(cfg.checkpoint.every >= 0, "checkpoint.every", f"must be >= 0, got {cfg.checkpoint.every}")
-    from .flower_backend import validate_flower_options  # no Flower import: the options only
+    _validate_flower(cfg.flower)
 
-    validate_flower_options(cfg.flower)
-    from .algorithms import get_algorithm
 
-    try:
-        get_algorithm(a.name).validate_options(a.options)
-    except ValueError as err:
-        raise ConfigError(f"config key algorithm.options: {err}") from None
+def _validate_algorithm_sections(cfg: Config) -> None:
+    a = cfg.algorithm
+    for fld in dataclasses.fields(a):
+        options = getattr(a, fld.name)
+        if not isinstance(options, AlgorithmOptions):
+            continue
+        if fld.name != a.name:
+            _check(options == type(options)(), f"algorithm.{fld.name}",
+                   f"set, but algorithm.name is {a.name}; remove the section or set algorithm.name: {fld.name}")
+            continue
+        try:
+            options.validate()
+        except OptionError as err:
+            raise ConfigError(f"config key algorithm.{a.name}.{err.field}: {err.message}") from None
+
+
+def _validate_flower(fl: FlowerConfig) -> None:
+    _check(fl.num_cpus > 0, "flower.num_cpus", f"must be a number > 0, got {fl.num_cpus}")
+    _check(fl.num_gpus >= 0, "flower.num_gpus", f"must be a number >= 0, got {fl.num_gpus}")
+    _check("address" not in fl.ray_init_args, "flower.ray_init_args",
+           "must not hold the address (set it with flower.ray_address)")
+    _check(fl.round_timeout is None or fl.round_timeout > 0, "flower.round_timeout",
+           f"must be seconds > 0 or null, got {fl.round_timeout}")
+    _check(fl.startup_timeout > 0, "flower.startup_timeout", f"must be seconds > 0, got {fl.startup_timeout}")

@@ -1,16 +1,25 @@
-"""Evaluation of every head on every client's test split.
+"""Evaluation of every head on every client's test split, for the global model and for per-client models.
 
-When all clients share the global model, the test set is passed through the network once and the per-sample
-results are grouped by client afterwards (the clients' test splits partition the test set). Algorithms with
-per-client models (personal heads) are evaluated client by client.
+When all clients share one model, the test set is passed through the network once and the per-sample results are
+grouped by client afterwards (the clients' test splits partition the test set). Per-client models are evaluated
+client by client; which model a client is evaluated with is the algorithm's decision (``Algorithm.evaluate``).
 """
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from fl_sd.models import MultiHeadNet
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .clients import ClientRuntime
+
+State = dict[str, torch.Tensor]
+#: per-client accuracy and loss of every head: two (H, num_clients) arrays, accuracy in [0, 1]
+Scores = tuple[np.ndarray, np.ndarray]
 
 
 def head_names(net: MultiHeadNet) -> list[str]:
@@ -57,3 +66,45 @@ def summarize(acc: np.ndarray, loss: np.ndarray, sizes: np.ndarray, names: list[
         out[f"acc_{name}_weighted"] = float(100 * (acc[h] * weights).sum())
         out[f"loss_{name}"] = float((loss[h] * weights).sum())
     return out
+
+
+def shared_model(runtime: "ClientRuntime", state: State) -> Scores:
+    """Every client evaluated with the same model: one pass over the test set, grouped by client."""
+    runtime.load(state)
+    correct, loss = runtime.predict(None)
+    n = runtime.num_clients
+    return (per_client(correct, runtime.test_owner, n).cpu().numpy(),
+            per_client(loss, runtime.test_owner, n).cpu().numpy())
+
+
+def client_models(runtime: "ClientRuntime", model_of: Callable[[int], State]) -> Scores:
+    """Client c evaluated with ``model_of(c)`` (a full state) on its own test split."""
+    n, heads = runtime.num_clients, len(runtime.heads)
+    acc, lss = np.zeros((heads, n)), np.zeros((heads, n))
+    for c in range(n):
+        runtime.load(model_of(c))
+        correct, loss = runtime.predict(c)
+        acc[:, c] = correct.double().mean(1).cpu().numpy()
+        lss[:, c] = loss.double().mean(1).cpu().numpy()
+    return acc, lss
+
+
+def client_accuracy(runtime: "ClientRuntime", client: int) -> float:
+    """Final-head accuracy in [0, 1] of the network's current weights on ``client``'s test split."""
+    correct, _ = runtime.predict(client)
+    return float(correct[0].double().mean())
+
+
+@torch.no_grad()
+def temperature_stats(runtime: "ClientRuntime", state: State) -> dict[str, float]:
+    """Mean learned temperature sigmoid(s) of each auxiliary head of ``state`` on (up to 1000) test images."""
+    runtime.load(state)
+    net = runtime.net
+    was_training = net.training
+    net.eval()
+    try:
+        x, _ = next(iter(runtime.test_data.iterate(min(1000, len(runtime.test_data)))))
+        out = net(x)
+    finally:
+        net.train(was_training)
+    return {f"temp_aux{i}": float(t.mean()) for i, t in enumerate(out.temperature)}

@@ -1,9 +1,10 @@
 """Flower apps of the ``flower`` backend: the ClientApp that runs a client's local update, and the ServerApp bridge.
 
 * :data:`client_app` answers two message types. ``query``: its node's ``partition-id`` (= the fl-sd client id), used
-  once at start to map clients to Flower node ids. ``train``: one local update of client ``partition-id`` through the
-  algorithm's own ``local_update``, on a replica :class:`~orchestrator.federation.Federation` rebuilt from the run
-  directory (``config.yaml`` + ``partition.npz``) once per Ray actor and cached, never per message.
+  once at start to map clients to Flower node ids. ``train``: one local update of client ``partition-id`` through
+  :func:`orchestrator.clients.run_client`, on the client side only -- a :class:`~orchestrator.clients.ClientRuntime`
+  and the algorithm, rebuilt from the run directory (``config.yaml`` + ``partition.npz``) once per Ray actor and
+  cached, never per message. No server, no federation object exists in a ClientApp.
 * :func:`make_server_app` builds the ServerApp whose main function serves the round requests of
   :class:`~orchestrator.flower_backend.FlowerBackend` (the round loop stays in ``orchestrator.runner``).
 
@@ -14,11 +15,11 @@ direction   key                 content
 ==========  ==================  ===========================================================================
 to client   ``config``          ConfigRecord: client, round, lr, run_dir, base_dir, fingerprint, device, threads
 to client   ``global``          ArrayRecord: the global model's state (every key: body and heads)
-to client   ``client.<part>``   ArrayRecord: the client's own state kept by the server (e.g. ``client.head``)
+to client   ``own``             ArrayRecord: the client's own kept state (absent before its first round)
 reply       ``result``          ConfigRecord: client, num_samples, num_steps -- or client, error (a NaN/Inf loss)
 reply       ``metrics``         MetricRecord: the update's metrics (loss parts, accuracies, temperatures)
 reply       ``body``/``head``   ArrayRecord: ``ClientUpdate.body_state`` / ``head_state`` (when returned)
-reply       ``client.<part>``   ArrayRecord: the client's state after the update, stored in ``fed.client_state``
+reply       ``own``             ArrayRecord: the client's own state after the update (kept by the server)
 ==========  ==================  ===========================================================================
 """
 from __future__ import annotations
@@ -34,16 +35,23 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.simulation import run_simulation as _flwr_run_simulation  # noqa: E402
 
-from fl_sd.losses import MultiHeadLoss  # noqa: E402
+from fl_sd.data import Partition  # noqa: E402
 from lightning_modules.client import ClientUpdate  # noqa: E402
 
+from .algorithms.context import ClientJob  # noqa: E402
+from .build import make_algorithm  # noqa: E402
+from .clients import ClientResult, ClientRuntime, run_client  # noqa: E402
+from .config import config_from_dict  # noqa: E402
+from .rundir import CONFIG_FILE, PARTITION_FILE  # noqa: E402
+
 PARTITION_ID = "partition-id"  # Flower's node_config key (simulation: 0..num_supernodes-1)
-CLIENT_PREFIX = "client."
+OWN_STATE = "own"
 POLL_SECONDS = 0.01
 
 
@@ -73,60 +81,53 @@ def decode_state(record: ArrayRecord, device: torch.device | str | None = None) 
 
 
 def train_content(config: dict[str, Any], client: int, global_arrays: dict[str, Array],
-                  client_state: dict[str, dict[str, torch.Tensor]]) -> RecordDict:
+                  own_state: dict[str, torch.Tensor] | None) -> RecordDict:
     content = RecordDict({"config": ConfigRecord({**config, "client": client}),
                           "global": ArrayRecord(global_arrays)})
-    for part, state in client_state.items():
-        content[CLIENT_PREFIX + part] = ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in state.items()})
+    if own_state is not None:
+        content[OWN_STATE] = ArrayRecord(encode_state(own_state))
     return content
 
 
-def decode_reply(message: Message, client: int, device) -> tuple[ClientUpdate, dict | None]:
-    """(the ClientUpdate on ``device``, the client's state to keep or None); raises for a failed client."""
+def decode_reply(message: Message, client: int, device) -> ClientResult:
+    """The client's result on ``device``; raises for a failed client (FloatingPointError for a NaN/Inf loss)."""
     if message.has_error():
         raise RuntimeError(f"Flower ClientApp of client {client} failed: {message.error.reason}")
     content = message.content
     result = content["result"]
     if "error" in result:
-        raise FloatingPointError(f"client {client}: {result['error']}")
+        raise FloatingPointError(str(result["error"]))
     update = ClientUpdate(body_state=decode_state(content["body"], device),
                           head_state=decode_state(content["head"], device) if "head" in content else None,
                           num_samples=int(result["num_samples"]), num_steps=int(result["num_steps"]),
                           metrics={k: float(v) for k, v in content["metrics"].items()})
-    parts = {k[len(CLIENT_PREFIX):]: decode_state(r, device) for k, r in content.array_records.items()
-             if k.startswith(CLIENT_PREFIX)}
-    return update, (parts or None)
+    own = decode_state(content[OWN_STATE], device) if OWN_STATE in content else None
+    return ClientResult(client, update, own)
 
 
 # -- the ClientApp ---------------------------------------------------------------------------------------------------
 client_app = ClientApp()
-_REPLICA: dict[str, Any] = {"key": None, "fed": None}
+_REPLICA: dict[str, Any] = {"key": None, "client_side": None}
 
 
-def _replica(config: ConfigRecord):
-    """This actor's Federation, rebuilt from the run directory when the run (fingerprint) changes; cached."""
+def _client_side(config: ConfigRecord) -> tuple[ClientRuntime, Any]:
+    """This actor's (ClientRuntime, algorithm), rebuilt from the run directory when the run (fingerprint) changes;
+    cached."""
     key = (config["run_dir"], config["fingerprint"], config["device"], int(config["threads"]))
     if _REPLICA["key"] == key:
-        return _REPLICA["fed"]
-    _REPLICA.update(key=None, fed=None)
-    import yaml
-
-    from fl_sd.data import Partition
-
-    from .config import config_from_dict
-    from .federation import Federation
-    from .runner import CONFIG_FILE, PARTITION_FILE
-
+        return _REPLICA["client_side"]
+    _REPLICA.update(key=None, client_side=None)
     torch.set_num_threads(int(config["threads"]))  # the in-process run's thread count gives bitwise-equal results
     if Path(config["base_dir"]).is_dir():  # relative paths in the config (data.root, ...) are the driver's
         os.chdir(config["base_dir"])
     run_dir = Path(config["run_dir"])
     cfg = config_from_dict(yaml.safe_load((run_dir / CONFIG_FILE).read_text()))
     cfg.data.download = False  # the driver has the data; N actors must not race to download it
-    cfg.device = str(config["device"])
-    fed = Federation(cfg, run_dir, partition=Partition.load(run_dir / PARTITION_FILE), log=lambda *a, **k: None)
-    _REPLICA.update(key=key, fed=fed)
-    return fed
+    algorithm = make_algorithm(cfg)
+    runtime = ClientRuntime.from_config(cfg, algorithm, Partition.load(run_dir / PARTITION_FILE),
+                                        torch.device(str(config["device"])))
+    _REPLICA.update(key=key, client_side=(runtime, algorithm))
+    return runtime, algorithm
 
 
 @client_app.query()
@@ -142,30 +143,26 @@ def train(msg: Message, context: Context) -> Message:
     partition = int(context.node_config[PARTITION_ID])
     if partition != client:
         raise ValueError(f"message for client {client} reached the node of partition {partition}")
-    fed = _replica(config)
-    for key, value in msg.content["global"].to_torch_state_dict().items():
-        fed.global_state[key].copy_(value)
-    own = {k[len(CLIENT_PREFIX):]: decode_state(r, fed.device) for k, r in msg.content.array_records.items()
-           if k.startswith(CLIENT_PREFIX)}
-    fed.client_state = {client: own} if own else {}  # what the server keeps for this client (none before round 1)
-    round_idx = int(config["round"])
-    fed.round = round_idx  # as the driver's federation during run_round (some algorithms seed extra batches by it)
-    fed.module.loss_fn = MultiHeadLoss(fed.train_loss)  # as Federation.run_round
+    runtime, algorithm = _client_side(config)
+    content = msg.content
+    global_state = decode_state(content["global"], runtime.device)
+    own = decode_state(content[OWN_STATE], runtime.device) if OWN_STATE in content else None
+    job = ClientJob(client, int(config["round"]), float(config["lr"]), own)
     try:
-        update = fed.algorithm.local_update(
-            fed, client, fed.client_batches(client, round_idx, fed.cfg.federation.local_epochs), float(config["lr"]))
+        result = run_client(runtime, algorithm, job, global_state)
     except FloatingPointError as err:  # reported to the round loop, which stops the run as the in-process backend
         return Message(RecordDict({"result": ConfigRecord({"client": client, "error": str(err)})}), reply_to=msg)
-    content = RecordDict({
+    update = result.update
+    reply = RecordDict({
         "result": ConfigRecord({"client": client, "num_samples": int(update.num_samples),
                                 "num_steps": int(update.num_steps)}),
         "metrics": MetricRecord({k: float(v) for k, v in update.metrics.items()}),
         "body": ArrayRecord(update.body_state)})
     if update.head_state is not None:
-        content["head"] = ArrayRecord(update.head_state)
-    for part, state in fed.client_state.get(client, {}).items():
-        content[CLIENT_PREFIX + part] = ArrayRecord(state)
-    return Message(content, reply_to=msg)
+        reply["head"] = ArrayRecord(update.head_state)
+    if result.own_state is not None:
+        reply[OWN_STATE] = ArrayRecord(result.own_state)
+    return Message(reply, reply_to=msg)
 
 
 # -- the ServerApp ---------------------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
-"""Entry point: ``python orchestrator/main.py --config configs/cifar100.yaml [--federation.rounds 10 ...]``.
+"""Entry point: ``fl-sd --config configs/cifar100.yaml [--federation.rounds 10 ...]`` (or ``python
+orchestrator/main.py ...``).
 
 ``--resume RUN_DIR`` continues an interrupted run. Bad input ends with one line on stderr and exit code 2
 (set FLSD_DEBUG=1 for the traceback).
 """
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -12,26 +14,26 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from fl_sd.data import DataError  # noqa: E402
+from orchestrator.config import parse_args  # noqa: E402
+from orchestrator.errors import CheckpointError, ConfigError, RunDirError, TrainingDiverged  # noqa: E402
+
+#: The training stack (Lightning, torchvision) is loaded only once the command line is valid: a typo is reported
+#: without waiting for it.
+TRAINING_STACK = "orchestrator.runner"
+
 
 def main(argv: list[str] | None = None) -> int:
-    from fl_sd.data import DataError
-
-    from orchestrator.checkpoint import CheckpointError
-    from orchestrator.config import ConfigError, parse_args
-    from orchestrator.federation import TrainingDiverged
-    from orchestrator.runner import RunDirError, run
-
     argv = sys.argv[1:] if argv is None else argv
     try:
         if "--resume" in argv:
             i = argv.index("--resume")
             if len(argv) != 2 or i != 0:
                 raise ConfigError("--resume RUN_DIR takes no other options: the run's own config.yaml is used")
-            resume = argv[1]
-            run(None, resume=resume)  # type: ignore[arg-type]
+            importlib.import_module(TRAINING_STACK).run(None, resume=argv[1])
         else:
             cfg, _ = parse_args(argv)
-            run(cfg)
+            importlib.import_module(TRAINING_STACK).run(cfg)
     except (ConfigError, DataError, CheckpointError, RunDirError) as err:
         return _fail(f"error: {err}")
     except TrainingDiverged as err:
@@ -44,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli() -> None:
+    """The ``fl-sd`` console command."""
+    sys.exit(main())
+
+
 def _fail(message: str, code: int = 2) -> int:
     if os.environ.get("FLSD_DEBUG"):
         raise
@@ -52,4 +59,4 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -6,6 +6,10 @@ import csv
 import json
 from pathlib import Path
 
+from matplotlib.figure import Figure  # the object API: no pyplot state, no backend switch in the caller's process
+
+from .rundir import EVALUATIONS_FILE, RESULTS_FILE
+
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
     if not path.exists():
@@ -15,17 +19,12 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     run_dir = Path(run_dir)
     written: list[Path] = []
-    evals = _read_csv(run_dir / "evaluations.csv")
+    evals = _read_csv(run_dir / EVALUATIONS_FILE)
     if evals:
         heads = [k[4:] for k in evals[0] if k.startswith("acc_") and not k.endswith(("_std", "_weighted"))]
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = _figure()
         rounds = [int(r["round"]) for r in evals]
         for h in heads:
             mean = [float(r[f"acc_{h}"]) for r in evals]
@@ -35,15 +34,15 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         ax.set(xlabel="round", ylabel="test accuracy (%)", title="global model: accuracy of each head")
         ax.legend()
         written.append(_save(fig, run_dir / "accuracy_vs_round.png"))
-    results_path = run_dir / "results.json"
+    results_path = run_dir / RESULTS_FILE
     pers = json.loads(results_path.read_text()).get("personalized") if results_path.exists() else None
     if pers:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = _figure()
         epochs = list(range(len(pers["acc_mean"])))
         ax.errorbar(epochs, pers["acc_mean"], yerr=pers["acc_std"], marker="o", capsize=3)
         ax.set(xlabel="fine-tuning epoch", ylabel="personalised accuracy (%)", title="fine-tuning speed")
         written.append(_save(fig, run_dir / "finetune_curve.png"))
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = _figure()
         final = [row[-1] for row in pers["per_client"]]
         ax.hist(final, bins=min(30, max(5, len(final) // 3)))
         ax.set(xlabel=f"personalised accuracy after {len(epochs) - 1} epochs (%)", ylabel="clients",
@@ -52,10 +51,12 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     return written
 
 
-def _save(fig, path: Path) -> Path:
+def _figure():
+    fig = Figure(figsize=(6, 4))
+    return fig, fig.subplots()
+
+
+def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
     return path

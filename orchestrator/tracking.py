@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import sys
@@ -10,7 +11,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_bytes
+import numpy as np
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
+from fl_sd.io import atomic_write
+
+from .plots import plot_run
+from .rundir import EVALUATIONS_FILE, PERSONALIZATION_FILE, RESULTS_FILE, ROUNDS_FILE, WANDB_ID_FILE
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -19,29 +27,22 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         keys += [k for k in row if k not in keys]
 
     def write(fh):
-        import io
-
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
         fh.write(text.getvalue().encode())
 
-    atomic_write_bytes(path, write)
+    atomic_write(path, write)
 
 
 def write_json(path: Path, data: Any) -> None:
-    atomic_write_bytes(path, lambda fh: fh.write(json.dumps(data, indent=2, default=_jsonable).encode()))
+    atomic_write(path, lambda fh: fh.write(json.dumps(data, indent=2, default=_jsonable).encode()))
 
 
 def _jsonable(obj):
-    try:
-        import numpy as np
-
-        if isinstance(obj, np.generic):
-            return obj.item()
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(obj, np.generic):
+        return obj.item()
     return str(obj)
 
 
@@ -77,7 +78,7 @@ class Tracker:
 
     # -- W&B --------------------------------------------------------------------------------------------------
     def _start_wandb(self, mode: str) -> None:
-        id_file = self.run_dir / "wandb_id.txt"
+        id_file = self.run_dir / WANDB_ID_FILE
         try:
             import wandb
 
@@ -103,9 +104,6 @@ class Tracker:
 
     # -- progress bar -----------------------------------------------------------------------------------------
     def _start_progress(self, total: int, done: int) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-            TimeRemainingColumn
-
         self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                                   TextColumn("{task.fields[latest]}"), transient=False)
@@ -120,13 +118,13 @@ class Tracker:
 
     # -- events -----------------------------------------------------------------------------------------------
     def log_round(self, record: dict[str, Any], round_log: list[dict[str, Any]]) -> None:
-        write_csv(self.run_dir / "rounds.csv", round_log)
+        write_csv(self.run_dir / ROUNDS_FILE, round_log)
         self._wandb_log({f"round/{k}": v for k, v in record.items() if k != "round"}, step=record["round"])
         if self._progress is not None:
             self._progress.update(self._task, completed=record["round"], latest=self._latest)
 
     def log_eval(self, record: dict[str, Any], history: list[dict[str, Any]]) -> None:
-        write_csv(self.run_dir / "evaluations.csv", history)
+        write_csv(self.run_dir / EVALUATIONS_FILE, history)
         heads = [k[4:] for k in record if k.startswith("acc_") and not k.endswith(("_std", "_weighted"))]
         self._latest = f"acc {record['acc_final']:.2f}% (best {record['best_acc_final']:.2f}%)"
         line = (f"round {record['round']:4d}  acc " + " / ".join(f"{h} {record['acc_' + h]:.2f}±"
@@ -139,7 +137,7 @@ class Tracker:
     def log_personalization(self, pers: dict[str, Any]) -> None:
         rows = [{"epoch": e, "acc_mean": m, "acc_std": s}
                 for e, (m, s) in enumerate(zip(pers["acc_mean"], pers["acc_std"]))]
-        write_csv(self.run_dir / "personalization.csv", rows)
+        write_csv(self.run_dir / PERSONALIZATION_FILE, rows)
         self.message("personalised accuracy (final head) after fine-tuning epoch: " + ", ".join(
             f"{r['epoch']}: {r['acc_mean']:.2f}±{r['acc_std']:.2f}" for r in rows))
         if self.wandb is not None:
@@ -157,11 +155,9 @@ class Tracker:
                 self.wandb = None
 
     def finish(self, results: dict[str, Any]) -> None:
-        write_json(self.run_dir / "results.json", results)
+        write_json(self.run_dir / RESULTS_FILE, results)
         if self.cfg.tracking.plots:
             try:
-                from .plots import plot_run
-
                 for path in plot_run(self.run_dir):
                     self._wandb_image(path)
             except Exception as err:  # noqa: BLE001

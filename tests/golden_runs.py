@@ -4,6 +4,10 @@
 current code; ``tests/test_golden.py`` re-runs every case and compares. A case is configs/smoke.yaml (or another
 config) with a few overrides; what is compared: ``results.json`` without wall-clock times, the per-round training
 metrics, and SHA-256 digests of the final global model and of every client's kept state.
+
+Recorded at commit 040d96f (before the client/server redesign). One deliberate change since: Ditto's
+``train_personal_loss`` is the float64 mean of the step losses like every other metric (it was a float32 mean), so
+that one field of ``smoke-ditto.json`` was re-recorded; every model, result and other metric is bitwise the original.
 """
 from __future__ import annotations
 

@@ -105,7 +105,7 @@ def test_trainer_learns_cifar10_mini(trained_on_cifar10_mini):
     _, _, results, _ = trained_on_cifar10_mini
     print(f"\ncnn4 on cifar10_mini, 2 epochs: test/acc_final = {results['test/acc_final']:.4f}, "
           f"aux = {[round(results[f'test/acc_aux{i}'], 4) for i in range(3)]}")
-    # 10 classes: chance is 10%; 2 epochs on the 5,482 real training images reach ~40% (see docs/results_client.md).
+    # 10 classes: chance is 10%; 2 epochs on the 5,482 real training images reach ~40% (see docs/RESULTS.md).
     assert results["test/acc_final"] > 0.30, results
     assert np.isfinite(results["test/loss"])
 
@@ -201,7 +201,7 @@ def test_frozen_parts_never_change(model, k):
             assert torch.equal(state[key], init[key]), key
     assert any(not torch.equal(update.head_state[key], init[key]) for key in module.net.head_state_keys())
     # BatchNorm running statistics are body *buffers*: train mode updates them in head fine-tuning too, exactly as
-    # the reference (net.train() whatever the learning rates). Documented in docs/results_client.md.
+    # the reference (net.train() whatever the learning rates). Documented in docs/METHOD.md.
     running = [key for key in module.net.body_state_keys() if key.endswith("running_mean")]
     assert running and all(not torch.equal(state[key], init[key]) for key in running)
 
@@ -319,3 +319,111 @@ def test_loss_defaults_come_from_the_model():
         make_module("cnn4", 10, train_part="heads")
     with pytest.raises(ValueError, match="unknown loss preset"):
         make_module("cnn4", 10, loss="nope")
+
+
+# ---- one local loop: per-call settings, hooks ------------------------------------------------------------------------
+def test_local_update_leaves_nothing_set_on_the_module():
+    module = make_module("cnn4", 10, train_part="body", lr=0.1)
+    loss_before, flags = module.loss_fn, {n: p.requires_grad for n, p in module.net.named_parameters()}
+    module.local_update(image_batches(2, 8, 10), train_part="head", lr=0.5, head_lr=0.3,
+                        loss=loss_config("ce"), return_head=True)
+    assert (module.train_part, module.lr, module.effective_head_lr) == ("body", 0.1, 0.1)
+    assert module.loss_fn is loss_before
+    assert {n: p.requires_grad for n, p in module.net.named_parameters()} == flags
+    with pytest.raises(ValueError, match="train_part"):
+        module.local_update(image_batches(1, 8, 10), train_part="legs")
+    assert {n: p.requires_grad for n, p in module.net.named_parameters()} == flags
+
+
+def test_local_update_loss_argument_is_used():
+    batches = image_batches(2, 8, 10)
+    a, b = make_module("cnn4", 10, lr=0.05), make_module("cnn4", 10, lr=0.05)
+    ce = a.local_update(batches, loss=loss_config("ce"))
+    b.loss_fn = MultiHeadLoss(loss_config("ce"))  # the same loss, set on the module
+    ref = b.local_update(batches)
+    assert max_abs_diff(ce.body_state, ref.body_state) == 0.0 and ce.metrics["loss_ce_aux"] == 0.0
+
+
+def test_step_hooks_gradient_skip_after_and_record():
+    from fl_sd.hooks import StepHooks, named_params
+
+    batches = image_batches(4, 8, 10)
+    calls = []
+
+    class Hooks(StepHooks):
+        def before_step(self, step, optimizer):
+            calls.append(("before", step, sorted({g["name"] for g in optimizer.param_groups})))
+            with torch.no_grad():
+                for name, p, _ in named_params(optimizer):
+                    p.grad.add_(0.5 * p)  # weight decay 0.5, by hand
+            return step == 3  # skip the last step
+
+        def after_step(self, step, optimizer):
+            calls.append(("after", step))
+
+        def record(self, step):
+            return step % 2 == 0
+
+    module = make_module("cnn4", 10, train_part="full", lr=0.05)
+    start = module.get_state("full")
+    update = module.local_update(batches, hooks=Hooks(), return_head=True)
+    assert [c[:2] for c in calls] == [(w, s) for s in range(4) for w in ("before", "after")]
+    assert calls[0][2] == ["body", "head"]
+    assert update.num_steps == 2 and update.num_samples == 16  # steps 0 and 2 recorded
+    # = SGD with weight decay 0.5 for three steps: the fourth is skipped (its forward still updates BN statistics)
+    ref = make_module("cnn4", 10, train_part="full", lr=0.05, weight_decay=0.5)
+    ref.load_state(start)
+    ref.local_update(batches[:3])
+    params = [n for n, _ in module.net.named_parameters()]
+    got, want = {**update.body_state, **update.head_state}, ref.get_state("full")
+    assert max_abs_diff({k: got[k] for k in params}, {k: want[k] for k in params}) < 1e-6
+
+
+def test_get_state_parts():
+    module = make_module("cnn4", 10)
+    full = module.get_state("full")
+    assert set(full) == set(module.net.state_dict())
+    assert set(module.get_state("body")) | set(module.get_state("head")) == set(full)
+    with pytest.raises(ValueError, match="unknown model part 'legs'"):
+        module.get_state("legs")
+
+
+# ---- Lightning checkpoints rebuild the same network, however it was built ------------------------------------------
+@pytest.mark.parametrize("built", ["by name", "net from the registry", "net from its class"])
+def test_lightning_checkpoint_loads_back_an_identical_module(tmp_path, built):
+    from fl_sd.models.cnn import CNNCifar
+
+    torch.manual_seed(0)
+    if built == "by name":
+        module = MultiHeadClassifier("cnn4", num_classes=7, model_options={"width": 8}, lr=0.02)
+    elif built == "net from the registry":
+        module = MultiHeadClassifier(net=create_model("cnn4", num_classes=7, width=8), lr=0.02)
+    else:
+        module = MultiHeadClassifier(net=CNNCifar(7, width=8, track_running_stats=False), lr=0.02)
+    x = torch.randint(0, 255, (40, 32, 32, 3), dtype=torch.uint8).numpy()
+    y = (np.arange(40) % 7).astype(np.int64)
+    dm = ArrayDataModule(x, y, x, y, CIFAR10_MEAN, CIFAR10_STD, batch_size=20)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, dm)
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = MultiHeadClassifier.load_from_checkpoint(path, weights_only=False)
+    assert type(loaded.net) is type(module.net) and loaded.net.num_classes == 7
+    assert loaded.net.build_options() == module.net.build_options()
+    assert loaded.net.state_dict().keys() == module.net.state_dict().keys()
+    assert max_abs_diff(loaded.net.state_dict(), module.net.state_dict()) == 0.0
+    assert loaded.lr == 0.02 and loaded.hparams.model == "cnn4"
+
+
+def test_from_npz_uses_the_federated_loader_and_statistics():
+    from fl_sd.data import load_npz
+
+    if not CIFAR10_MINI.exists():
+        pytest.skip(f"{CIFAR10_MINI} not available")
+    ds = load_npz(CIFAR10_MINI)
+    dm = ArrayDataModule.from_npz(CIFAR10_MINI)
+    norm = dm.train_set.transform.transforms[-1]
+    assert tuple(norm.mean) == ds.mean and tuple(norm.std) == ds.std
+    with pytest.raises(ValueError, match="does not exist"):
+        ArrayDataModule.from_npz(CIFAR10_MINI.parent / "missing.npz")

@@ -14,9 +14,10 @@ import torch
 
 from fed_fixtures import tiny_config
 from orchestrator.algorithms import list_algorithms
-from orchestrator.config import ConfigError
+from orchestrator.algorithms.context import ClientJob
+from orchestrator.clients import run_client
+from orchestrator.errors import ConfigError
 from orchestrator.federation import Federation
-from orchestrator.flower_backend import FLOWER_OPTIONS, validate_flower_options
 
 HAVE_FLOWER = importlib.util.find_spec("flwr") is not None and importlib.util.find_spec("ray") is not None
 needs_flower = pytest.mark.skipif(not HAVE_FLOWER, reason="Flower is not installed: pip install -e \".[flower]\" "
@@ -43,31 +44,15 @@ def strip_timing(obj):
     return obj
 
 
-# -- options -------------------------------------------------------------------------------------------------------
-def test_flower_options_defaults_and_errors():
-    assert validate_flower_options({}) == FLOWER_OPTIONS
-    opts = validate_flower_options({"num_cpus": 2, "num_gpus": 0.25, "ray_address": "auto"})
-    assert opts["num_cpus"] == 2 and opts["num_gpus"] == 0.25 and opts["ray_address"] == "auto"
-    with pytest.raises(ConfigError, match=r"^config key flower\.num_cpu: unknown Flower option") as err:
-        validate_flower_options({"num_cpu": 1})
-    assert "\n" not in str(err.value) and "num_cpus" in str(err.value)
-    for bad in ({"num_cpus": 0}, {"num_gpus": -1}, {"num_cpus": "two"}, {"verbose": "yes"},
-                {"ray_init_args": {"address": "auto"}}, {"round_timeout": 0}, {"ray_address": 6379}):
-        key = next(iter(bad))
-        with pytest.raises(ConfigError, match=rf"^config key flower\.{key}: "):
-            validate_flower_options(bad)
-
-
 # -- the ClientApp, called directly (no Ray) --------------------------------------------------------------------------
-def _train_message(fed, options, client, round_idx, lr):
+def _train_message(fed, client, round_idx, lr, own=None):
     from flwr.app import Message, Metadata
 
     from orchestrator import flower_app
     from orchestrator.flower_backend import client_run_config
 
-    config = {**client_run_config(fed, options), "round": round_idx, "lr": lr}
-    content = flower_app.train_content(config, client, flower_app.encode_state(fed.global_state),
-                                       fed.client_state.get(client, {}))
+    config = {**client_run_config(fed.cfg, fed.run_dir, fed.runtime), "round": round_idx, "lr": lr}
+    content = flower_app.train_content(config, client, flower_app.encode_state(fed.server.global_state), own)
     # As the simulation delivers it (explicit metadata: no Flower run is active in this process).
     metadata = Metadata(run_id=1, message_id=f"m{client}-{round_idx}", src_node_id=1, dst_node_id=100 + client,
                         reply_to_message_id="", group_id=str(round_idx), created_at=time.time(), ttl=3600.0,
@@ -89,30 +74,45 @@ def _equal_states(a, b):
 @needs_flower
 @pytest.mark.parametrize("algorithm", list_algorithms())
 def test_client_app_update_equals_in_process_update(tmp_path, one_thread, algorithm):
-    """Every algorithm: the ClientApp's update and the client state it hands back are the in-process ones, bit for
-    bit, in the first round and in a later one (which starts from the client's own kept state, e.g. a personal head)."""
+    """Every algorithm: the ClientApp's update and the own state it hands back are the in-process ones, bit for bit,
+    in the first round and in a later one (which starts from the client's own kept state, e.g. a personal head)."""
     from orchestrator import flower_app
 
     fed = Federation(tiny_config(tmp_path / "run", "--algorithm.name", algorithm), tmp_path / "run")
-    options = validate_flower_options({})
-    client, epochs = 3, fed.cfg.federation.local_epochs
+    client, own = 3, None
     for round_idx in (0, 1):
-        fed.round = round_idx
         lr = fed.lr(round_idx)
-        reply = flower_app.client_app(_train_message(fed, options, client, round_idx, lr),
+        reply = flower_app.client_app(_train_message(fed, client, round_idx, lr, own),
                                       _context(client, fed.cfg.data.num_clients))
-        got, state = flower_app.decode_reply(reply, client, fed.device)
-        want = fed.algorithm.local_update(fed, client, fed.client_batches(client, round_idx, epochs), lr)
-        assert _equal_states(got.body_state, want.body_state)
-        assert (got.head_state is None) == (want.head_state is None)
-        assert want.head_state is None or _equal_states(got.head_state, want.head_state)
-        assert got.metrics == want.metrics
-        assert (got.num_samples, got.num_steps) == (want.num_samples, want.num_steps)
-        kept = fed.client_state.get(client)
-        assert (state is None) == (kept is None)
-        if kept is not None:
-            assert state.keys() == kept.keys() and all(_equal_states(state[p], kept[p]) for p in kept)
-        fed.algorithm.apply_aggregate(fed, fed.algorithm.shared_state(fed, want))  # next round: a new global model
+        got = flower_app.decode_reply(reply, client, fed.device)
+        want = run_client(fed.runtime, fed.algorithm, ClientJob(client, round_idx, lr, own), fed.server.global_state)
+        assert _equal_states(got.update.body_state, want.update.body_state)
+        assert (got.update.head_state is None) == (want.update.head_state is None)
+        assert want.update.head_state is None or _equal_states(got.update.head_state, want.update.head_state)
+        assert got.update.metrics == want.update.metrics
+        assert (got.update.num_samples, got.update.num_steps) == (want.update.num_samples, want.update.num_steps)
+        assert (got.own_state is None) == (want.own_state is None)
+        assert want.own_state is None or _equal_states(got.own_state, want.own_state)
+        own = want.own_state
+        fed.algorithm.apply_aggregate(fed.server.global_state, fed.algorithm.shared_state(want.update))
+
+
+@needs_flower
+def test_client_app_builds_only_the_client_side(tmp_path, one_thread, monkeypatch):
+    """A ClientApp never constructs a server or a Federation: it answers with those made unconstructible."""
+    from orchestrator import federation, flower_app, server
+
+    fed = Federation(tiny_config(tmp_path / "run"), tmp_path / "run")
+    message = _train_message(fed, 2, 0, 0.05)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the ClientApp built a server-side object")
+
+    monkeypatch.setattr(federation.Federation, "__init__", forbidden)
+    monkeypatch.setattr(server.Server, "__init__", forbidden)
+    flower_app._REPLICA.update(key=None, client_side=None)  # no cached client side from an earlier test
+    result = flower_app.decode_reply(flower_app.client_app(message, _context(2, 10)), 2, fed.device)
+    assert result.update.num_samples == fed.runtime.num_train_samples(2)
 
 
 @needs_flower
@@ -120,12 +120,11 @@ def test_client_app_reports_divergence_and_wrong_node(tmp_path, one_thread):
     from orchestrator import flower_app
 
     fed = Federation(tiny_config(tmp_path / "run"), tmp_path / "run")
-    options = validate_flower_options({})
-    reply = flower_app.client_app(_train_message(fed, options, 2, 0, 1e30), _context(2, 10))
+    reply = flower_app.client_app(_train_message(fed, 2, 0, 1e30), _context(2, 10))
     with pytest.raises(FloatingPointError, match=r"^client 2: non-finite loss"):
         flower_app.decode_reply(reply, 2, fed.device)
     with pytest.raises(ValueError, match="reached the node of partition 5"):
-        flower_app.client_app(_train_message(fed, options, 2, 0, 0.05), _context(5, 10))
+        flower_app.client_app(_train_message(fed, 2, 0, 0.05), _context(5, 10))
 
 
 # -- whole runs on Flower's simulation engine -------------------------------------------------------------------------
@@ -136,13 +135,13 @@ def _run_recording(monkeypatch, cfg):
     sampled: list[list[int]] = []
     make = backends.make_backend
 
-    def recording_backend(name, fed):
-        backend = make(name, fed)
+    def recording_backend(*args):
+        backend = make(*args)
         inner = backend.run_clients
 
-        def run_clients(fed, round_idx, clients, lr, sink):
-            sampled.append(list(clients))
-            return inner(fed, round_idx, clients, lr, sink)
+        def run_clients(jobs, global_state, on_result):
+            sampled.append([job.client for job in jobs])
+            return inner(jobs, global_state, on_result)
 
         backend.run_clients = run_clients
         return backend
@@ -162,12 +161,12 @@ def test_flower_matches_in_process(tmp_path, monkeypatch, one_thread, algorithm)
     overrides = ["--algorithm.name", algorithm, "--federation.rounds", "3", "--personalization.enabled", "false"]
     local, local_sampled = _run_recording(monkeypatch, tiny_config(tmp_path / "inprocess", *overrides))
     flower, flower_sampled = _run_recording(monkeypatch, tiny_config(
-        tmp_path / "flower", *overrides, "--backend", "flower", "--flower", '{"num_cpus": 1}'))
+        tmp_path / "flower", *overrides, "--backend", "flower", "--flower.num_cpus", "1"))
     assert flower_sampled == local_sampled and len(local_sampled) == 3
     assert strip_timing(flower) == strip_timing(local)
     assert math.isfinite(flower["global_final"]["acc_final"])
 
-    from orchestrator.checkpoint import CHECKPOINT
+    from orchestrator.rundir import CHECKPOINT_FILE as CHECKPOINT
 
     a = torch.load(tmp_path / "inprocess" / CHECKPOINT, weights_only=False)["state"]
     b = torch.load(tmp_path / "flower" / CHECKPOINT, weights_only=False)["state"]
@@ -178,14 +177,19 @@ def test_flower_matches_in_process(tmp_path, monkeypatch, one_thread, algorithm)
     assert a["client_state"].keys() == b["client_state"].keys()
     if algorithm == "fedper":
         assert len(b["client_state"]) >= 5  # personal heads came back from the ClientApps and were kept
-    for client, parts in a["client_state"].items():
-        for part, state in parts.items():
-            assert all(torch.equal(b["client_state"][client][part][k], v) for k, v in state.items())
+    for client, own in a["client_state"].items():
+        assert own.keys() == b["client_state"][client].keys()
+        assert all(torch.equal(b["client_state"][client][k], v) for k, v in own.items())
 
 
 def test_flower_options_checked_with_the_config(tmp_path):
     """A bad flower option stops the run at config validation, before any data is read."""
-    with pytest.raises(ConfigError, match=r"^config key flower\.num_cpu: unknown Flower option"):
+    with pytest.raises(ConfigError, match=r"config key flower\.num_cpu: unknown key"):
         tiny_config(tmp_path / "run", "--backend", "flower", "--flower", '{"num_cpu": 1}')
     with pytest.raises(ConfigError, match=r"^config key flower\.num_gpus: must be a number >= 0"):
-        tiny_config(tmp_path / "run", "--flower", '{"num_gpus": -1}')
+        tiny_config(tmp_path / "run", "--flower.num_gpus", "-1")
+    for key, value in (("num_cpus", "0"), ("round_timeout", "0"), ("startup_timeout", "-1")):
+        with pytest.raises(ConfigError, match=rf"^config key flower\.{key}: "):
+            tiny_config(tmp_path / "run", f"--flower.{key}", value)
+    with pytest.raises(ConfigError, match=r"^config key flower\.ray_init_args: "):
+        tiny_config(tmp_path / "run", "--flower.ray_init_args", "{address: auto}")

@@ -15,7 +15,7 @@ HERE = Path(__file__).resolve().parent
 GRID = [(s, f, R, tau) for s in (100, 50, 10) for f in (0.1, 1.0) for R, tau in ((320, 1), (80, 4), (32, 10))]
 
 #: How each method's original code ran (SPEC 1, 9; PAPER_RESULTS "What moves these numbers"). Optional keys:
-#: ``federation`` (overrides of the common federation settings) and ``options`` (algorithm.options), each a dict or a
+#: ``federation`` (overrides of the common federation settings) and ``options`` (algorithm.<name>), each a dict or a
 #: function of the cell (s, f, R, tau).
 FEDBABU_MODEL = {"name": "mobilenet", "options": {"final_bias": True}}
 ALGORITHMS = {
@@ -34,7 +34,7 @@ ALGORITHMS = {
     # main_fedrep.py: tau head epochs + 1 body epoch; run_fedrep.sh leaves momentum at the parser default 0.5.
     "fedrep": {"model": FEDBABU_MODEL, "eval_every": 1, "federation": {"momentum": 0.5}},
     # main_per_fedavg.py: beta 0.1, momentum 0.9 (hard-coded). Its evaluation adapted on test data (a leak); here on
-    # each client's train data -- add algorithm.options.adapt_on: test to reproduce the published protocol.
+    # each client's train data (algorithm.perfedavg.adapt_on: test adapts on its test split instead).
     "perfedavg": {"model": FEDBABU_MODEL, "eval_every": 1, "options": {"beta": 0.1, "adapt_on": "train"}},
     # main_ditto.py: lambda 0.75, momentum 0.9, local training at the initial lr throughout (its decay is unused).
     "ditto": {"model": FEDBABU_MODEL, "eval_every": 1, "federation": {"lr_milestones": []},
@@ -55,7 +55,7 @@ def cell(algorithm: str, s: int, f: float, R: int, tau: int) -> dict:
     algo = {"name": algorithm}
     options = _per_cell(spec.get("options"), s, f, R, tau)
     if options:
-        algo["options"] = options
+        algo[algorithm] = options
     return {
         "seed": 1,
         "name": f"paper-{algorithm}-s{s}-f{f:g}-tau{tau}",

@@ -24,6 +24,7 @@ __all__ = [
     "load_dataset",
     "make_synthetic",
     "load_npz",
+    "channel_stats",
     "DATASET_NAMES",
     "NORMALISATION",
     "DEBIAN_FASHION_MNIST_DIR",
@@ -338,7 +339,7 @@ def load_npz(path: str | os.PathLike) -> ImageDataset:
                         f"fix: use labels 0..num_classes-1 (and a matching 'classes' array)")
     name = Path(path).stem
     xtr = np.ascontiguousarray(arrays["train_images"])
-    mean, std = _channel_stats(xtr)
+    mean, std = channel_stats(xtr)
     return _finish(name, xtr, arrays["train_labels"], np.ascontiguousarray(arrays["test_images"]),
                    arrays["test_labels"], num_classes, mean, std, names)
 
@@ -418,7 +419,7 @@ def make_synthetic(
 
     xtr, ytr = split(train_per_class, 1)
     xte, yte = split(test_per_class, 2)
-    mean, std = _channel_stats(xtr)
+    mean, std = channel_stats(xtr)
     return _finish("synthetic", xtr, ytr, xte, yte, num_classes, mean, std,
                    tuple(f"class_{k}" for k in range(num_classes)))
 
@@ -439,8 +440,13 @@ def _bilinear_matrix(n_in: int, size: int) -> np.ndarray:
 # helpers
 
 
-def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 NHWC images in [0, 1] units (exact, via a 256-bin histogram per channel)."""
+def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 NHWC (or NHW) images in [0, 1] units, exact (a 256-bin histogram per
+    channel), rounded to 4 decimals; a constant channel gets std 1 (left unscaled). The one statistics function of
+    fl-sd: the npz and synthetic sources and ``ArrayDataModule.from_npz`` use it."""
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[..., None]
     c = images.shape[-1]
     flat = images.reshape(-1, c)
     means, stds = [], []

@@ -7,7 +7,9 @@ is body. Subclasses implement :meth:`forward_features` only.
 """
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
+import functools
+import inspect
+from typing import Any, Iterator, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -60,6 +62,32 @@ class MultiHeadNet(nn.Module):
     classifier: nn.Module
     aux_heads: nn.ModuleList
 
+    def __init_subclass__(cls, **kwargs):
+        # Record the constructor arguments of every concrete network (``build_options``), so that a network built
+        # directly (``CNNCifar(10, width=8)``) can be rebuilt from its registry name and options, e.g. when a
+        # Lightning checkpoint is loaded.
+        super().__init_subclass__(**kwargs)
+        if "__init__" not in cls.__dict__:
+            return
+        init = cls.__init__
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def recording_init(self, *args, **kw):
+            init(self, *args, **kw)
+            if type(self) is cls:  # the outermost constructor's arguments describe the object
+                bound = signature.bind(self, *args, **kw)
+                bound.apply_defaults()
+                options = {}
+                for name, value in list(bound.arguments.items())[1:]:
+                    if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                        options.update(value)
+                    elif signature.parameters[name].kind is not inspect.Parameter.VAR_POSITIONAL:
+                        options[name] = value
+                self._build_options = options
+
+        cls.__init__ = recording_init
+
     def __init__(self, num_classes: int, scale_aux: bool = True):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 2:
@@ -89,6 +117,13 @@ class MultiHeadNet(nn.Module):
     def num_aux_heads(self) -> int:
         return len(self.aux_heads)
 
+    def build_options(self) -> dict[str, Any]:
+        """The constructor's keyword arguments except ``num_classes`` (with defaults): ``type(net)(num_classes=K,
+        **net.build_options())`` builds the same architecture."""
+        options = dict(getattr(self, "_build_options", {}))
+        options.pop("num_classes", None)
+        return options
+
     # -- body / head split, by module role ------------------------------------------------------------------
     def head_modules(self) -> list[nn.Module]:
         return [getattr(self, name) for name in self.HEAD_MODULES]
@@ -100,6 +135,13 @@ class MultiHeadNet(nn.Module):
     def body_parameters(self) -> Iterator[nn.Parameter]:
         head_ids = {id(p) for p in self.head_parameters()}
         return (p for p in self.parameters() if id(p) not in head_ids)
+
+    def named_part_parameters(self, part: str) -> list[tuple[str, nn.Parameter]]:
+        """``(state-dict name, parameter)`` of the ``body`` or the ``head`` (final + auxiliary classifiers)."""
+        if part not in ("body", "head"):
+            raise ValueError(f"part must be 'body' or 'head', got {part!r}")
+        want_head = part == "head"
+        return [(n, p) for n, p in self.named_parameters() if self.is_head_key(n) == want_head]
 
     def is_head_key(self, key: str) -> bool:
         """Whether a ``state_dict`` key belongs to a head module."""

@@ -1,20 +1,32 @@
 """The algorithm contract: a small object stating what differs between federated methods.
 
-An algorithm decides (1) which parts of the network train locally and with which loss, (2) which state the server
-averages, (3) what state a client keeps between rounds, and (4) which model a client is evaluated and personalised
-from. The round loop (orchestrator/federation.py) never branches on the algorithm's name; a new method is one file
-with a subclass registered by ``@register_algorithm``.
+An algorithm decides
+
+1. what trains locally (``train_part``), with which loss (``loss``), and how (``client_update``);
+2. which part of the model the server averages (``aggregate``) and how the average enters the global model;
+3. which part of the model a client keeps for itself across rounds (``keeps``): the server stores it and hands it
+   back with the client's next job, and the client is evaluated and personalised with it;
+4. which model a client is evaluated and fine-tuned with (``client_model``), and how clients are evaluated
+   (``evaluate``).
+
+Parts are ``body``, ``head`` or ``full`` (:data:`~orchestrator.algorithms.context.PARTS`); anything else is an error.
+Algorithms see only the documented contexts of :mod:`orchestrator.algorithms.context` and the round index they are
+given. Client side and server side are apart: ``client_update`` is a function of (the global state, the client's own
+kept state, its batches, lr, round) returning the update and the client's new own state; it never writes server
+state. A new method is one file with a subclass registered by ``@register_algorithm`` (its typed options: an
+:class:`AlgorithmOptions` dataclass as ``Options``, listed by ``--help`` as ``algorithm.<name>.<field>``).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable
 
-import torch
+from .. import evaluation
+from ..evaluation import Scores
+from .context import ClientContext, ClientJob, ServerContext, State, check_part
+from .options import AlgorithmOptions
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..federation import Federation
-
-State = dict[str, torch.Tensor]
+    from lightning_modules.client import ClientUpdate
 
 _ALGORITHMS: dict[str, type["Algorithm"]] = {}
 
@@ -22,8 +34,15 @@ _ALGORITHMS: dict[str, type["Algorithm"]] = {}
 def register_algorithm(cls):
     if cls.name in _ALGORITHMS:
         raise ValueError(f"algorithm {cls.name!r} registered twice")
+    for attr, allow_none in (("train_part", False), ("aggregate", False)):
+        check_part(getattr(cls, attr), f"{cls.name}.{attr}", allow_none)
     _ALGORITHMS[cls.name] = cls
     return cls
+
+
+def unregister_algorithm(name: str) -> None:
+    """Remove a registered algorithm (for algorithms defined in tests)."""
+    _ALGORITHMS.pop(name, None)
 
 
 def list_algorithms() -> list[str]:
@@ -37,90 +56,107 @@ def get_algorithm(name: str) -> type["Algorithm"]:
         raise ValueError(f"unknown algorithm {name!r}; choose one of {list_algorithms()}") from None
 
 
+def select_part(update: "ClientUpdate", part: str) -> State:
+    """The ``part`` of a client update's state (``head``/``full`` need ``return_head=True`` in the update)."""
+    check_part(part, "part")
+    state: State = {}
+    if part in ("body", "full"):
+        state.update(update.body_state)
+    if part in ("head", "full"):
+        if update.head_state is None:
+            raise ValueError(f"part {part!r} of a client update without head state (train with return_head=True)")
+        state.update(update.head_state)
+    return state
+
+
+def overlay(base: State, own: State | None) -> State:
+    """``base`` with a client's own part on top (the model that client uses)."""
+    return base if not own else {**base, **own}
+
+
 class Algorithm:
     """FedAvg-shaped defaults; subclasses override class attributes or hooks."""
 
     name: ClassVar[str] = "base"
     description: ClassVar[str] = ""
+    #: typed options (``algorithm.<name>.*`` in the config)
+    Options: ClassVar[type[AlgorithmOptions]] = AlgorithmOptions
     #: default local loss preset (fl_sd.losses.PRESETS); the config's algorithm.loss overrides it
     loss: ClassVar[str] = "ce"
-    #: which parts train locally: "body" (heads frozen), "head" or "full"
+    #: which part trains locally: "body" (heads frozen), "head" or "full"
     train_part: ClassVar[str] = "full"
-    #: which parts the server averages: "body" (parameters and BN buffers) or "full"
+    #: which part the server averages and broadcasts
     aggregate: ClassVar[str] = "full"
-    #: each client keeps its own head across rounds (not averaged), and is evaluated/personalised with it
-    personal_head: ClassVar[bool] = False
-    #: the entry of ``fed.client_state[client]`` holding the part of the model a client keeps for itself ("body",
-    #: or "personal" for a whole personal model), loaded on top of the global model for evaluation/personalisation
-    personal_state: ClassVar[str | None] = None
+    #: the part a client keeps across rounds (None: nothing, every client uses the global model); see ``keeps``
+    keeps_part: ClassVar[str | None] = None
     #: defaults for the model's constructor options (the config's model.options override them)
     model_defaults: ClassVar[dict[str, Any]] = {"track_running_stats": False}
-    #: algorithm-specific options: name -> default (the config's algorithm.options override them)
-    option_defaults: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, options: dict[str, Any] | None = None):
-        self.validate_options(options or {})
-        self.options = {**self.option_defaults, **(options or {})}
+    def __init__(self, options: AlgorithmOptions | None = None):
+        options = self.Options() if options is None else options
+        if not isinstance(options, self.Options):
+            raise TypeError(f"{self.name} options must be {self.Options.__name__}, got {type(options).__name__}")
+        options.validate()
+        self.options = options
+        check_part(self.keeps, f"{self.name}.keeps", allow_none=True)
 
-    @classmethod
-    def validate_options(cls, options: dict[str, Any]) -> None:
-        unknown = sorted(set(options) - set(cls.option_defaults))
-        if unknown:
-            valid = sorted(cls.option_defaults) or "none"
-            raise ValueError(f"{cls.name} has no option(s) {unknown}; valid: {valid}")
+    @property
+    def keeps(self) -> str | None:
+        """The part of the model a client keeps across rounds (may depend on the options)."""
+        return self.keeps_part
 
-    def setup(self, fed: "Federation") -> None:
+    # -- server side ---------------------------------------------------------------------------------------------
+    def setup(self, server: ServerContext) -> None:
         """Called once when the federation is built (before any round, and before a checkpoint is loaded)."""
 
-    # -- what is shared ----------------------------------------------------------------------------------------
-    def shared_keys(self, fed: "Federation") -> list[str]:
+    def shared_keys(self, body_keys: Iterable[str], head_keys: Iterable[str]) -> list[str]:
         """State-dict keys the server averages and broadcasts."""
-        net = fed.module.net
-        return net.body_state_keys() if self.aggregate == "body" else list(net.state_dict())
+        return {"body": list(body_keys), "head": list(head_keys), "full": [*body_keys, *head_keys]}[self.aggregate]
 
-    # -- one client's local update ---------------------------------------------------------------------------
-    def local_update(self, fed: "Federation", client: int, batches, lr: float):
-        """Run one client's update from the global model; return the ClientUpdate (its state to average is
-        ``update.body_state`` plus, for ``aggregate == "full"``, ``update.head_state``)."""
-        head = self.client_head(fed, client)
-        update = fed.module.local_update(
-            batches, body_state=fed.global_body(), head_state=head, train_part=self.train_part, lr=lr,
-            head_lr=fed.head_lr(lr), return_head=self.aggregate == "full" or self.personal_head,
-            num_samples=fed.num_train_samples(client))
-        if self.personal_head:
-            fed.client_state[client] = {"head": update.head_state}
-        return update
+    def shared_state(self, update: "ClientUpdate") -> State:
+        """What of a client's update the server averages."""
+        return select_part(update, self.aggregate)
 
-    def shared_state(self, fed: "Federation", update) -> State:
-        state = dict(update.body_state)
-        if self.aggregate == "full":
-            state.update(update.head_state)
-        return state
-
-    def apply_aggregate(self, fed: "Federation", averaged: State) -> None:
-        """Write the server's average into the global model."""
+    def apply_aggregate(self, global_state: State, averaged: State) -> None:
+        """Write the server's average into the global model (in place)."""
         for key, value in averaged.items():
-            fed.global_state[key].copy_(value)
+            global_state[key].copy_(value)
 
-    # -- which model a client uses -----------------------------------------------------------------------------
-    def client_head(self, fed: "Federation", client: int) -> State:
-        """The head a client trains/evaluates with: its own where it keeps one, else the global head."""
-        if self.personal_head and client in fed.client_state:
-            return fed.client_state[client]["head"]
-        return fed.global_head()
+    # -- client side ----------------------------------------------------------------------------------------------
+    @property
+    def returns_head(self) -> bool:
+        """Whether the local update must return the head state (to share it or to keep it)."""
+        return self.aggregate in ("head", "full") or self.keeps in ("head", "full")
 
+    def client_update(self, ctx: ClientContext, job: ClientJob, global_state: State,
+                      batches: Iterable) -> tuple["ClientUpdate", State | None]:
+        """One client's local update: from the global model with the client's own part on top, train
+        ``train_part`` on ``batches``; return the update and the client's new own state (its ``keeps`` part)."""
+        update = ctx.train(batches, start=overlay(global_state, job.own_state), part=self.train_part, lr=job.lr,
+                           loss=ctx.train_loss, return_head=self.returns_head,
+                           num_samples=ctx.num_train_samples(job.client))
+        return update, self.kept_state(update)
+
+    def kept_state(self, update: "ClientUpdate") -> State | None:
+        return None if self.keeps is None else select_part(update, self.keeps)
+
+    # -- which model a client uses, and how clients are evaluated -------------------------------------------------
     @property
     def per_client_models(self) -> bool:
         """True when clients' models differ (evaluation then runs client by client)."""
-        return self.personal_head or self.personal_state is not None
+        return self.keeps is not None
 
-    def load_client_model(self, fed: "Federation", client: int, base_state: State,
-                          store: dict[int, dict[str, State]]) -> None:
-        """Put the model that ``client`` is evaluated and personalised with into ``fed.module.net``: the base
-        (global or best) state, plus what the client keeps in ``store`` (its head, for personal-head methods)."""
-        from ..federation import load_state_
+    def client_model(self, ctx: ClientContext, job: ClientJob, base_state: State) -> State:
+        """The full state ``job.client`` is evaluated and personalised with, given the base (global or best-round)
+        state after ``job.round`` rounds: the base with the client's own part on top."""
+        return overlay(base_state, job.own_state)
 
-        load_state_(fed.module.net, base_state)
-        key = "head" if self.personal_head else self.personal_state
-        if key is not None and client in store:
-            load_state_(fed.module.net, store[client][key])
+    def evaluate(self, ctx: ClientContext, base_state: State, store: dict[int, State], round_idx: int,
+                 lr: float) -> Scores:
+        """Per-client accuracy and loss of every head (two (H, N) arrays) of the model after ``round_idx`` rounds;
+        ``lr`` is the schedule's learning rate at that point. Default: one pass when every client uses the base
+        model, else each client with its ``client_model``."""
+        if not self.per_client_models:
+            return evaluation.shared_model(ctx, base_state)
+        return evaluation.client_models(
+            ctx, lambda c: self.client_model(ctx, ClientJob(c, round_idx, lr, store.get(c)), base_state))

@@ -10,4 +10,4 @@ class FedPer(Algorithm):
     loss = "ce"
     train_part = "full"
     aggregate = "body"
-    personal_head = True
+    keeps_part = "head"

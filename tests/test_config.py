@@ -1,0 +1,71 @@
+"""Typed configuration (orchestrator/config.py): per-algorithm option sections, typed sections, migration, help."""
+from __future__ import annotations
+
+import io
+from contextlib import redirect_stdout
+
+import pytest
+
+from fed_fixtures import REPO, tiny_config
+from orchestrator.algorithms.ditto import DittoOptions
+from orchestrator.config import config_from_dict, parse_args
+from orchestrator.errors import ConfigError
+
+
+def test_algorithm_options_are_typed_sections(tmp_path):
+    cfg = tiny_config(tmp_path, "--algorithm.name", "ditto", "--algorithm.ditto.lam", "0.5")
+    assert cfg.algorithm_options() == DittoOptions(lam=0.5, reset_personal=False)
+    assert isinstance(cfg.algorithm.ditto.lam, float)
+    with pytest.raises(ConfigError, match=r"algorithm\.ditto\.lam"):
+        tiny_config(tmp_path, "--algorithm.name", "ditto", "--algorithm.ditto.lam", "many")
+    # the defaults of an algorithm without its section; a section of another algorithm is a mistake
+    assert tiny_config(tmp_path, "--algorithm.name", "perfedavg").algorithm_options().beta == 0.1
+    with pytest.raises(ConfigError, match=r"^config key algorithm\.ditto: set, but algorithm\.name is mhmd"):
+        tiny_config(tmp_path, "--algorithm.ditto.lam", "0.5")
+
+
+def test_typed_sections_take_dotted_overrides(tmp_path):
+    cfg = tiny_config(tmp_path, "--data.synthetic.num_classes", "5", "--algorithm.loss_options.kd_weight", "2",
+                      "--flower.num_cpus", "2")
+    assert cfg.data.synthetic.num_classes == 5 and cfg.synthetic_options()["train_per_class"] == 100
+    assert cfg.loss_options() == {"kd_weight": 2.0}
+    assert cfg.flower.num_cpus == 2.0
+    with pytest.raises(ConfigError, match=r"config key data\.synthetic\.num_classez: unknown key"):
+        tiny_config(tmp_path, "--data.synthetic", "{num_classez: 3}")
+    with pytest.raises(ConfigError, match=r"flower\.num_cpus"):
+        tiny_config(tmp_path, "--flower.num_cpus", "two")
+    with pytest.raises(ConfigError, match=r"^config key flower\.num_gpus: must be a number >= 0"):
+        tiny_config(tmp_path, "--flower.num_gpus", "-1")
+    with pytest.raises(ConfigError, match=r"^config key algorithm\.loss_options: loss\.kd_weight must be >= 0"):
+        tiny_config(tmp_path, "--algorithm.loss_options.kd_weight", "-1")
+
+
+def test_no_abbreviated_keys(tmp_path):
+    with pytest.raises(ConfigError, match="unrecognized arguments: --data.num_client"):
+        tiny_config(tmp_path, "--data.num_client", "5")
+
+
+def test_resolved_config_round_trips_and_old_options_are_migrated(tmp_path):
+    cfg = tiny_config(tmp_path, "--algorithm.name", "fedrep", "--algorithm.fedrep.head_epochs", "2")
+    data = cfg.to_dict()
+    assert "fedrep" in data["algorithm"] and "ditto" not in data["algorithm"]  # only the selected section
+    assert config_from_dict(data).to_dict() == data
+    old = {**data, "algorithm": {"name": "fedrep", "options": {"head_epochs": 3}}}  # before typed options
+    assert config_from_dict(old).algorithm.fedrep.head_epochs == 3
+
+
+def test_help_lists_every_algorithm_option():
+    out = io.StringIO()
+    with redirect_stdout(out), pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = out.getvalue()
+    for key in ("--algorithm.ditto.lam", "--algorithm.fedrep.head_epochs", "--algorithm.perfedavg.adapt_on",
+                "--algorithm.lg_fedavg.init_from", "--flower.num_cpus", "--data.synthetic.num_classes",
+                "--algorithm.loss_options.kd_weight"):
+        assert key in text, key
+
+
+def test_every_shipped_config_parses():
+    for path in sorted((REPO / "configs").rglob("*.yaml")):
+        cfg = parse_args(["--config", str(path)])[0]
+        assert cfg.algorithm.name, path

@@ -1,0 +1,123 @@
+"""Running a federation (orchestrator/runner.py): exact resume (also after SIGKILL), divergence, run directories."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from fed_fixtures import REPO, tiny_config
+from orchestrator import checkpoint as ckpt
+from orchestrator.errors import TrainingDiverged
+from orchestrator.main import main
+from orchestrator.rundir import CHECKPOINT_FILE
+from orchestrator.runner import run
+
+FAST = ["--federation.rounds", "6", "--personalization.epochs", "1", "--name", "t"]
+
+
+def comparable(results: dict) -> dict:
+    res = json.loads(json.dumps(results))
+    res["personalized"].pop("seconds")
+    return res
+
+
+# -- resume -------------------------------------------------------------------------------------------------------
+def test_resume_in_process_equals_uninterrupted(tmp_path):
+    full = run(tiny_config(tmp_path / "full", *FAST))
+    assert run(tiny_config(tmp_path / "cut", *FAST), stop_after=3) == {}
+    state = torch.load(tmp_path / "cut" / CHECKPOINT_FILE, weights_only=False)["state"]
+    assert state["round"] == 2  # checkpoint.every 2: the last one before the cut
+    resumed = run(None, resume=tmp_path / "cut")
+    assert comparable(resumed) == comparable(full)  # bitwise: every random draw derives from (seed, round, client)
+
+
+def _cli(*args, **kw):
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(REPO / "orchestrator" / "main.py"), *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_sigkill_then_resume_gives_same_final_metrics(tmp_path):
+    common = ["--config", "configs/smoke.yaml", "--federation.rounds", "16", "--federation.eval_every", "2",
+              "--checkpoint.every", "2", "--personalization.epochs", "1", "--name", "k", "--tracking.plots", "false"]
+    ref = _cli(*common, "--run_dir", str(tmp_path / "ref"))
+    out, err = ref.communicate(timeout=600)
+    assert ref.returncode == 0, err
+    victim_dir = tmp_path / "victim"
+    victim = _cli(*common, "--run_dir", str(victim_dir))
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill -9 once a checkpoint exists and training is under way
+        cp = victim_dir / CHECKPOINT_FILE
+        if cp.exists() and (victim_dir / "rounds.csv").exists():
+            rounds_done = len((victim_dir / "rounds.csv").read_text().splitlines()) - 1
+            if rounds_done >= 3:
+                break
+        if victim.poll() is not None:
+            pytest.fail("the run finished before it could be killed")
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    saved = torch.load(victim_dir / CHECKPOINT_FILE, weights_only=False)["state"]["round"]
+    assert 2 <= saved < 16
+    resumed = _cli("--resume", str(victim_dir))
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    a = comparable(json.loads((tmp_path / "ref" / "results.json").read_text()))
+    b = comparable(json.loads((victim_dir / "results.json").read_text()))
+    assert a == b
+
+
+def test_nan_loss_stops_naming_round_and_client_and_keeps_checkpoint(tmp_path, monkeypatch):
+    from fl_sd.losses import MultiHeadLoss
+
+    real_forward = MultiHeadLoss.forward
+    calls = {"n": 0}
+
+    def forward(self, output, target):
+        calls["n"] += 1
+        out = real_forward(self, output, target)
+        if calls["n"] > 60:  # after ~3 rounds of 5 clients x 2 steps x ... : poison the loss
+            return out._replace(total=out.total * float("nan"))
+        return out
+
+    monkeypatch.setattr(MultiHeadLoss, "forward", forward)
+    cfg = tiny_config(tmp_path / "run", "--federation.rounds", "20", "--checkpoint.every", "1")
+    with pytest.raises(TrainingDiverged, match=r"round \d+.*client \d+"):
+        run(cfg)
+    state = ckpt.load_checkpoint(tmp_path / "run", {})
+    assert state["round"] >= 1
+    assert all(torch.isfinite(v.float()).all() for v in state["global_state"].values())
+
+
+def test_existing_run_dir_refused_and_corrupt_or_mismatched_checkpoint(tmp_path, capsys):
+    cfg = tiny_config(tmp_path / "run", "--federation.rounds", "4", "--name", "x")
+    run(cfg, stop_after=2)
+    argv = ["--config", str(REPO / "configs" / "smoke.yaml"), "--run_dir", str(tmp_path / "run")]
+    assert main(argv) == 2 and "already holds a run" in capsys.readouterr().err
+    # a checkpoint of another model: the run's config now says mobilenet
+    cfg_path = tmp_path / "run" / "config.yaml"
+    data = yaml.safe_load(cfg_path.read_text())
+    data["model"]["name"] = "mobilenet"
+    data["model"]["options"] = {}
+    cfg_path.write_text(yaml.safe_dump(data))
+    assert main(["--resume", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cnn4" in err and "mobilenet" in err
+    # a corrupt checkpoint
+    data["model"]["name"] = "cnn4"
+    data["model"]["options"] = {"width": 16}
+    cfg_path.write_text(yaml.safe_dump(data))
+    (tmp_path / "run" / CHECKPOINT_FILE).write_bytes(b"\x00garbage" * 10)
+    assert main(["--resume", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "corrupt" in err
+
+
