@@ -16,7 +16,7 @@ direction   key                 content
 to client   ``config``          ConfigRecord: client, round, lr, run_dir, base_dir, fingerprint, device, threads
 to client   ``global``          ArrayRecord: the global model's state (every key: body and heads)
 to client   ``own``             ArrayRecord: the client's own kept state (absent before its first round)
-reply       ``result``          ConfigRecord: client, num_samples, num_steps -- or client, error (a NaN/Inf loss)
+reply       ``result``          ConfigRecord: client, num_samples, num_steps, worker -- or client, error (NaN/Inf)
 reply       ``metrics``         MetricRecord: the update's metrics (loss parts, accuracies, temperatures)
 reply       ``body``/``head``   ArrayRecord: ``ClientUpdate.body_state`` / ``head_state`` (when returned)
 reply       ``own``             ArrayRecord: the client's own state after the update (kept by the server)
@@ -30,6 +30,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no usage telemetry from 
 
 import logging  # noqa: E402
 import queue  # noqa: E402
+import socket  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -105,6 +106,24 @@ def decode_reply(message: Message, client: int, device) -> ClientResult:
     return ClientResult(client, update, own)
 
 
+def worker_of(message: Message) -> str:
+    """Where the reply's ClientApp ran (:func:`worker_name`); "" for a reply without it."""
+    result = message.content["result"] if "result" in message.content else {}
+    return str(result["worker"]) if "worker" in result else ""
+
+
+def worker_name(context: Context) -> str:
+    """``host/ray:<node id>`` inside a Ray actor (the simulation), ``host/flower:<node id>`` otherwise: which machine
+    trained a client, recorded by the backends (``FlowerBackend.placement``)."""
+    try:
+        import ray  # optional: only the simulation engine runs ClientApps in Ray actors
+    except ImportError:
+        ray = None
+    if ray is not None and ray.is_initialized():
+        return f"{socket.gethostname()}/ray:{ray.get_runtime_context().get_node_id()}"
+    return f"{socket.gethostname()}/flower:{context.node_id}"
+
+
 # -- the ClientApp ---------------------------------------------------------------------------------------------------
 client_app = ClientApp()
 _REPLICA: dict[str, Any] = {"key": None, "client_side": None}
@@ -155,7 +174,7 @@ def train(msg: Message, context: Context) -> Message:
     update = result.update
     reply = RecordDict({
         "result": ConfigRecord({"client": client, "num_samples": int(update.num_samples),
-                                "num_steps": int(update.num_steps)}),
+                                "num_steps": int(update.num_steps), "worker": worker_name(context)}),
         "metrics": MetricRecord({k: float(v) for k, v in update.metrics.items()}),
         "body": ArrayRecord(update.body_state)})
     if update.head_state is not None:

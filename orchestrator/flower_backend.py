@@ -74,6 +74,8 @@ class FlowerBackend:
         self._error: BaseException | None = None
         self._client_config = client_run_config(cfg, run_dir, runtime)
         self.node_of: dict[int, int] = {}
+        #: (round, client, worker) of every reply: where each client trained (``flower_app.worker_name``)
+        self.placement: list[tuple[int, int, str]] = []
 
         if not self.options.verbose:
             logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -158,7 +160,10 @@ class FlowerBackend:
             done[client_of[message.metadata.src_node_id]] = message
             while nxt < len(order) and order[nxt] in done:  # stream to the round loop in the jobs' order
                 c = order[nxt]
-                on_result(app.decode_reply(done.pop(c), c, self.device))
+                reply = done.pop(c)
+                result = app.decode_reply(reply, c, self.device)
+                self.placement.append((round_idx, c, app.worker_of(reply)))
+                on_result(result)
                 nxt += 1
 
     def close(self, wait: float = 60) -> None:

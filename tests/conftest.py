@@ -6,7 +6,17 @@ that waits for a busy core makes small CPU ops up to 10x slower. Subprocess test
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/fed_fixtures.py
 torch.set_num_threads(1)
+
+
+@pytest.fixture
+def one_thread():
+    """Bitwise parity needs the same torch thread count in the in-process run and in each client (num_cpus: 1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -27,15 +27,6 @@ needs_flower = pytest.mark.skipif(not HAVE_FLOWER, reason="Flower is not install
 TIMING_KEYS = {"seconds"}
 
 
-@pytest.fixture
-def one_thread():
-    """Bitwise parity needs the same torch thread count in the in-process run and in each client (num_cpus: 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def strip_timing(obj):
     if isinstance(obj, dict):
         return {k: strip_timing(v) for k, v in obj.items() if k not in TIMING_KEYS}

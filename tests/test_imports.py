@@ -10,8 +10,8 @@ from pathlib import Path
 from fed_fixtures import REPO
 
 PACKAGES = ("fl_sd", "lightning_modules", "orchestrator")
-#: Imports allowed inside functions: optional dependencies only (Flower and its backend modules, W&B).
-OPTIONAL = {"flwr", "wandb", "orchestrator.flower_backend", "orchestrator.flower_app"}
+#: Imports allowed inside functions: optional dependencies only (Flower, Ray, their backend modules, W&B).
+OPTIONAL = {"flwr", "ray", "wandb", "orchestrator.flower_backend", "orchestrator.flower_app"}
 
 
 def modules(root: Path = REPO) -> dict[str, Path]:
