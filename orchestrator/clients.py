@@ -21,7 +21,7 @@ from .algorithms import Algorithm
 from .algorithms.context import TRAIN_STREAM, Batch, ClientJob, State
 from .build import build_network, check_partition, client_partition, load_data, loss_configs, resolve_device
 from .config import Config
-from .evaluation import head_names, predict
+from .evaluation import head_names, predict, predict_splits
 
 
 @dataclass
@@ -120,6 +120,13 @@ class ClientRuntime:
     def predict(self, client: int | None, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         index = None if client is None else self._test_index[client]
         return predict(self.net, self.test_data, index, batch_size or self.eval_batch_size)
+
+    def predict_each(self, clients: Iterable[int], batch_size: int | None = None
+                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(correct, loss), (H, n_c), of every client in ``clients`` with the network's current weights, each client's
+        test split as its own batch (what a model with batch-dependent BatchNorm needs; ``predict_splits``)."""
+        return predict_splits(self.net, self.test_data, [self._test_index[c] for c in clients],
+                              batch_size or self.eval_batch_size)
 
     def _loss(self, config: LossConfig) -> MultiHeadLoss:
         if config not in self._losses:

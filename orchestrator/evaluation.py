@@ -1,8 +1,15 @@
 """Evaluation of every head on every client's test split, for the global model and for per-client models.
 
-When all clients share one model, the test set is passed through the network once and the per-sample results are
-grouped by client afterwards (the clients' test splits partition the test set). Per-client models are evaluated
-client by client; which model a client is evaluated with is the algorithm's decision (``Algorithm.evaluate``).
+When all clients share one model whose predictions do not depend on the batch (BatchNorm with running statistics, or
+no BatchNorm), the test set is passed through the network once and the per-sample results are grouped by client
+afterwards (the clients' test splits partition the test set). A model whose BatchNorm has no running statistics
+normalises with the statistics of the batch it is given, also in eval mode: as the reference (FedBABU's
+``test_img_local``), each client's test split is then its own batch (splits longer than ``eval_batch_size`` in chunks
+of that size), so a prediction never depends on another client's images; clients with equal split sizes are stacked
+and evaluated in one vectorised pass (``torch.func.vmap``: one batch per client, the same numbers as one call per
+client). Per-client models are evaluated client by client; which model a client is evaluated with is the algorithm's
+decision (``Algorithm.evaluate``). Clients without test data score NaN and are left out of the means
+(``summarize`` reports how many).
 """
 from __future__ import annotations
 
@@ -11,6 +18,8 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.func import vmap
 
 from fl_sd.models import MultiHeadNet
 
@@ -43,34 +52,98 @@ def predict(net: MultiHeadNet, data, indices: torch.Tensor | None, batch_size: i
             losses.append(torch.stack([F.cross_entropy(lg, y, reduction="none") for lg in logits]))
     finally:
         net.train(was_training)
+    if not corrects:  # an empty split
+        heads = 1 + net.num_aux_heads
+        return (torch.zeros(heads, 0, dtype=torch.bool, device=data.device),
+                torch.zeros(heads, 0, device=data.device))
     return torch.cat(corrects, dim=1), torch.cat(losses, dim=1)
 
 
+#: BatchNorm layers; without running statistics their eval-mode output depends on the batch
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def batch_dependent(net: nn.Module) -> bool:
+    """True when a prediction in eval mode depends on the other images of its batch (BatchNorm without running
+    statistics normalises with the batch's own statistics)."""
+    return any(isinstance(m, BATCH_NORMS) and not m.track_running_stats for m in net.modules())
+
+
+@torch.no_grad()
+def predict_splits(net: MultiHeadNet, data, splits: list[torch.Tensor], batch_size: int
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(correct, loss) of every head, (H, n_i), for each index set in ``splits``, each evaluated as its own batch
+    (chunks of ``batch_size`` when longer). Splits of equal length up to ``batch_size`` are stacked and run through
+    ``vmap(net)`` together, at most ``batch_size`` images per pass."""
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(splits)
+    by_length: dict[int, list[int]] = {}
+    for i, ix in enumerate(splits):
+        by_length.setdefault(len(ix), []).append(i)
+    was_training = net.training
+    net.eval()
+    try:
+        for n, members in by_length.items():
+            if n == 0 or n > batch_size:
+                for i in members:
+                    out[i] = predict(net, data, splits[i], batch_size)
+                continue
+            per_pass = max(1, batch_size // n)
+            for start in range(0, len(members), per_pass):
+                group = members[start:start + per_pass]
+                x, y = data.batch(torch.stack([splits[i] for i in group]).reshape(-1))
+                x, y = x.reshape(len(group), n, *x.shape[1:]), y.reshape(len(group), n)
+                result = vmap(net)(x)
+                for j, i in enumerate(group):
+                    logits = (result.final[j], *(a[j] for a in result.aux))
+                    out[i] = (torch.stack([lg.argmax(dim=1) == y[j] for lg in logits]),
+                              torch.stack([F.cross_entropy(lg, y[j], reduction="none") for lg in logits]))
+    finally:
+        net.train(was_training)
+    return out  # type: ignore[return-value]
+
+
 def per_client(values: torch.Tensor, owner: torch.Tensor, num_clients: int) -> torch.Tensor:
-    """Per-client means of (H, n) per-sample ``values``; ``owner[i]`` is sample i's client (-1: none)."""
+    """Per-client means of (H, n) per-sample ``values``; ``owner[i]`` is sample i's client (-1: none); NaN for a
+    client without samples."""
     keep = owner >= 0
     values, owner = values[:, keep].double(), owner[keep]
     sums = torch.zeros(values.shape[0], num_clients, dtype=torch.float64, device=values.device)
     sums.index_add_(1, owner, values)
-    counts = torch.bincount(owner, minlength=num_clients).clamp_min(1).double()
-    return sums / counts
+    counts = torch.bincount(owner, minlength=num_clients).double()
+    return sums / counts.masked_fill(counts == 0, float("nan"))
+
+
+def split_means(results: list[tuple[torch.Tensor, torch.Tensor]]) -> Scores:
+    """(H, clients) accuracy and loss from per-client (correct, loss) pairs; NaN for an empty split."""
+    acc = torch.stack([c.double().mean(1) for c, _ in results], dim=1)
+    loss = torch.stack([lo.double().mean(1) for _, lo in results], dim=1)
+    return acc.cpu().numpy(), loss.cpu().numpy()
 
 
 def summarize(acc: np.ndarray, loss: np.ndarray, sizes: np.ndarray, names: list[str]) -> dict[str, float]:
-    """acc/loss: (H, clients) in [0, 1]. Mean and std (ddof 0) over clients in %, and the size-weighted mean."""
+    """acc/loss: (H, clients) in [0, 1]. Mean and std (ddof 0) over clients in %, and the size-weighted mean, over
+    the clients with test data (``sizes > 0``); ``clients_without_test`` counts the others when there are any."""
     out: dict[str, float] = {}
+    has_test = np.asarray(sizes) > 0
+    acc, loss, sizes = acc[:, has_test], loss[:, has_test], np.asarray(sizes)[has_test]
     weights = sizes / sizes.sum()
     for h, name in enumerate(names):
         out[f"acc_{name}"] = float(100 * acc[h].mean())
         out[f"acc_{name}_std"] = float(100 * acc[h].std())
         out[f"acc_{name}_weighted"] = float(100 * (acc[h] * weights).sum())
         out[f"loss_{name}"] = float((loss[h] * weights).sum())
+    if not has_test.all():
+        out["clients_without_test"] = int((~has_test).sum())
     return out
 
 
 def shared_model(runtime: "ClientRuntime", state: State) -> Scores:
-    """Every client evaluated with the same model: one pass over the test set, grouped by client."""
+    """Every client evaluated with the same model: one pass over the test set, grouped by client -- or, when the
+    model's predictions depend on the batch (BatchNorm without running statistics), each client's split as its own
+    batch (``predict_splits``)."""
     runtime.load(state)
+    if batch_dependent(runtime.net):
+        return split_means(runtime.predict_each(range(runtime.num_clients)))
     correct, loss = runtime.predict(None)
     n = runtime.num_clients
     return (per_client(correct, runtime.test_owner, n).cpu().numpy(),
@@ -78,15 +151,12 @@ def shared_model(runtime: "ClientRuntime", state: State) -> Scores:
 
 
 def client_models(runtime: "ClientRuntime", model_of: Callable[[int], State]) -> Scores:
-    """Client c evaluated with ``model_of(c)`` (a full state) on its own test split."""
-    n, heads = runtime.num_clients, len(runtime.heads)
-    acc, lss = np.zeros((heads, n)), np.zeros((heads, n))
-    for c in range(n):
+    """Client c evaluated with ``model_of(c)`` (a full state) on its own test split (NaN without test data)."""
+    results = []
+    for c in range(runtime.num_clients):
         runtime.load(model_of(c))
-        correct, loss = runtime.predict(c)
-        acc[:, c] = correct.double().mean(1).cpu().numpy()
-        lss[:, c] = loss.double().mean(1).cpu().numpy()
-    return acc, lss
+        results.append(runtime.predict(c))
+    return split_means(results)
 
 
 def client_accuracy(runtime: "ClientRuntime", client: int) -> float:

@@ -19,12 +19,13 @@ def personalize(runtime: ClientRuntime, algorithm: Algorithm, settings: Personal
                 start_state: State, store: dict[int, State], start_round: int, lr: float) -> dict[str, Any]:
     """Fine-tune every client from the model the algorithm hands it (``client_model`` of the start state after
     ``start_round`` rounds, ``lr`` the schedule's lr there) with ``settings`` (part, lr, epochs, loss); record the
-    final head's accuracy on the client's test split after every epoch (one optimizer across epochs)."""
-    n = runtime.num_clients
-    curve = np.zeros((settings.epochs + 1, n))
+    final head's accuracy on the client's test split after every epoch (one optimizer across epochs). Clients
+    without test data have no score: they are skipped and counted (``clients_without_test``)."""
+    tested = [c for c in range(runtime.num_clients) if runtime.test_sizes[c] > 0]
+    curve = np.zeros((settings.epochs + 1, runtime.num_clients))
     bs = settings.batch_size or batch_size
     t0 = time.perf_counter()
-    for c in range(n):
+    for c in tested:
         runtime.load(algorithm.client_model(runtime, ClientJob(c, start_round, lr, store.get(c)), start_state))
         curve[0, c] = client_accuracy(runtime, c)
         if settings.epochs == 0:
@@ -39,7 +40,10 @@ def personalize(runtime: ClientRuntime, algorithm: Algorithm, settings: Personal
                           on_epoch_end=on_epoch_end, steps_per_epoch=math.ceil(runtime.train_sizes[c] / bs))
         except FloatingPointError as err:
             raise TrainingDiverged(f"personalisation, client {c}: {err}") from None
-    curve *= 100
-    return {"part": settings.part, "epochs": settings.epochs, "lr": settings.lr,
-            "seconds": time.perf_counter() - t0, "acc_mean": curve.mean(axis=1).tolist(),
-            "acc_std": curve.std(axis=1).tolist(), "per_client": curve.T.tolist()}
+    curve = 100 * curve[:, tested]
+    result = {"part": settings.part, "epochs": settings.epochs, "lr": settings.lr,
+              "seconds": time.perf_counter() - t0, "acc_mean": curve.mean(axis=1).tolist(),
+              "acc_std": curve.std(axis=1).tolist(), "per_client": curve.T.tolist()}
+    if len(tested) < runtime.num_clients:
+        result["clients_without_test"] = runtime.num_clients - len(tested)
+    return result

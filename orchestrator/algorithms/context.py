@@ -89,6 +89,11 @@ class ClientContext(Protocol):
         """(correct, loss) of every head, (H, n), on ``client``'s test split (None: the whole test set) with the
         network's current weights, in eval mode."""
 
+    def predict_each(self, clients: Iterable[int], batch_size: int | None = None
+                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``predict`` for each client of ``clients``, each client's test split as its own batch (what BatchNorm
+        without running statistics needs: it normalises with the batch's statistics)."""
+
 
 class ServerContext(Protocol):
     """What an algorithm may touch when a federation is set up (``Algorithm.setup``)."""

@@ -1,0 +1,72 @@
+"""Per-client evaluation: BatchNorm without running statistics sees one client's test split per batch (as FedBABU's
+``test_img_local``); the one-pass fast path where predictions do not depend on the batch; clients without test data."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fed_fixtures import TINY, make_fed
+from orchestrator.evaluation import batch_dependent, predict_splits, shared_model, summarize
+
+
+def _alone(runtime, client):
+    """The client's split as one batch through the network, by hand."""
+    ix = runtime.partition.test[client]
+    x, y = runtime.test_data.batch(torch.as_tensor(ix))
+    runtime.net.eval()
+    with torch.no_grad():
+        out = runtime.net(x)
+    return out.final.argmax(1) == y, F.cross_entropy(out.final, y, reduction="none")
+
+
+def test_bn_without_running_stats_evaluates_each_client_split_alone(tmp_path):
+    fed = make_fed(tmp_path, *TINY, "--algorithm.name", "fedavg", "--data.num_clients", "4")
+    runtime = fed.runtime
+    assert batch_dependent(runtime.net)
+    acc, loss = shared_model(runtime, fed.server.global_state)
+    for c in range(runtime.num_clients):
+        correct, losses = _alone(runtime, c)
+        assert acc[0, c] == correct.double().mean().item()
+        assert np.isclose(loss[0, c], losses.double().mean().item(), rtol=1e-5)
+    # the old one pass over the whole test set (batches mixing clients) gives other numbers: the test can fail
+    correct_mixed, _ = runtime.predict(None)
+    mixed = [correct_mixed[0, runtime.test_owner == c].double().mean().item() for c in range(runtime.num_clients)]
+    assert not np.allclose(mixed, acc[0])
+
+
+def test_splits_of_unequal_length_and_longer_than_a_batch(tmp_path):
+    fed = make_fed(tmp_path, *TINY, "--algorithm.name", "fedbabu")
+    runtime = fed.runtime
+    runtime.load(fed.server.global_state)
+    splits = [torch.arange(0, 5), torch.arange(5, 12), torch.arange(12, 17), torch.arange(0, 0), torch.arange(0, 20)]
+    got = predict_splits(runtime.net, runtime.test_data, splits, batch_size=10)
+    runtime.net.eval()
+    for ix, (correct, loss) in zip(splits, got):
+        assert correct.shape == loss.shape == (1 + runtime.net.num_aux_heads, len(ix))
+        chunks = [ix[i:i + 10] for i in range(0, len(ix), 10)]  # longer than a batch: chunks of batch_size
+        for k, chunk in enumerate(chunks):
+            x, y = runtime.test_data.batch(chunk)
+            with torch.no_grad():
+                want = runtime.net(x).final.argmax(1) == y
+            assert torch.equal(correct[0, 10 * k:10 * k + len(chunk)], want)
+
+
+def test_running_statistics_keep_the_one_pass(tmp_path):
+    fed = make_fed(tmp_path, *TINY, "--algorithm.name", "mhmd")
+    runtime = fed.runtime
+    assert not batch_dependent(runtime.net)
+    acc, _ = shared_model(runtime, fed.server.global_state)
+    each = runtime.predict_each(range(runtime.num_clients))
+    assert np.allclose(acc[0], [c[0].double().mean().item() for c, _ in each])
+
+
+def test_clients_without_test_data_are_left_out_of_the_means():
+    acc = np.array([[0.5, np.nan, 1.0]])
+    loss = np.array([[1.0, np.nan, 3.0]])
+    out = summarize(acc, loss, np.array([10, 0, 30]), ["final"])
+    assert out["acc_final"] == 75.0 and out["acc_final_std"] == 25.0
+    assert out["acc_final_weighted"] == 100 * (0.5 * 0.25 + 1.0 * 0.75)
+    assert out["loss_final"] == 1.0 * 0.25 + 3.0 * 0.75
+    assert out["clients_without_test"] == 1
+    assert "clients_without_test" not in summarize(acc[:, [0, 2]], loss[:, [0, 2]], np.array([10, 30]), ["final"])
