@@ -40,10 +40,12 @@ def personalize(runtime: ClientRuntime, algorithm: Algorithm, settings: Personal
                           on_epoch_end=on_epoch_end, steps_per_epoch=math.ceil(runtime.train_sizes[c] / bs))
         except FloatingPointError as err:
             raise TrainingDiverged(f"personalisation, client {c}: {err}") from None
-    curve = 100 * curve[:, tested]
+    curve *= 100
+    if len(tested) < runtime.num_clients:
+        curve = np.ascontiguousarray(curve[:, tested])
     result = {"part": settings.part, "epochs": settings.epochs, "lr": settings.lr,
               "seconds": time.perf_counter() - t0, "acc_mean": curve.mean(axis=1).tolist(),
               "acc_std": curve.std(axis=1).tolist(), "per_client": curve.T.tolist()}
-    if len(tested) < runtime.num_clients:
+    if curve.shape[1] < runtime.num_clients:
         result["clients_without_test"] = runtime.num_clients - len(tested)
     return result
