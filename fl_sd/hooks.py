@@ -38,3 +38,40 @@ def named_params(optimizer: torch.optim.Optimizer) -> Iterator[tuple[str, torch.
     for group in optimizer.param_groups:
         for name, param in zip(group["names"], group["params"]):
             yield name, param, group
+
+
+class StepOnly(StepHooks):
+    """Lets the optimizer step only the given parameters, or rows of them, and freezes the rest of what it holds.
+
+    ``rows``: ``{state-dict name: rows}`` (``None``: the whole tensor; a slice: those rows of dimension 0). A
+    parameter not named gets no gradient, so SGD skips it (no momentum, no weight decay); rows not named of a named
+    parameter get a zero gradient and are put back after the step, so they stay bit for bit what they were (also
+    with weight decay). Gradients still flow through frozen parameters into the ones that train.
+    """
+
+    def __init__(self, rows: dict[str, slice | None]):
+        self.rows = dict(rows)
+        self._frozen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    @torch.no_grad()
+    def before_step(self, step, optimizer):
+        self._frozen = []
+        for name, p, _ in named_params(optimizer):
+            if name not in self.rows:
+                p.grad = None
+                continue
+            rows = self.rows[name]
+            if rows is None:
+                continue
+            frozen = torch.ones(p.shape[0], dtype=torch.bool, device=p.device)
+            frozen[rows] = False
+            if p.grad is not None:
+                p.grad[frozen] = 0
+            self._frozen.append((p, frozen, p[frozen].clone()))
+        return False
+
+    @torch.no_grad()
+    def after_step(self, step, optimizer):
+        for p, frozen, values in self._frozen:
+            p[frozen] = values
+        self._frozen = []

@@ -16,12 +16,13 @@ import os
 import re
 import tempfile
 import warnings
+from argparse import RawDescriptionHelpFormatter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, DefaultHelpFormatter
 
 from fl_sd.losses import PRESETS, loss_config
 from fl_sd.models import list_models
@@ -88,7 +89,7 @@ class LossOptions:
 class AlgorithmConfig:
     """The algorithm; ``algorithm.<name>.*`` (one section per algorithm with options) are added from the registry."""
 
-    name: str = "mhmd"  #: fedavg, fedbabu, fedper, mhmd, mhmd_* ablations, ... (orchestrator/algorithms)
+    name: str = "mhmd"  #: a registered algorithm (listed at the end of --help; orchestrator/algorithms)
     loss: Optional[str] = None  #: loss preset; default: the algorithm's (mhmd -> mhmd, others -> ce)
     loss_options: LossOptions = field(default_factory=LossOptions)
 
@@ -220,9 +221,20 @@ def config_class() -> type[Config]:
     return _CLASSES[sections]
 
 
+class _HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help, with the algorithm list (the epilog) kept one per line."""
+
+
+def algorithms_help() -> str:
+    """One line per registered algorithm (``algorithm.name``) with its description, for ``--help``."""
+    lines = [f"  {name}: {get_algorithm(name).description}" for name in list_algorithms()]
+    return "algorithms (algorithm.name):\n" + "\n".join(lines)
+
+
 def _parser(config_cls: type[Config]) -> ArgumentParser:
     parser = ArgumentParser(prog="fl-sd", exit_on_error=False, allow_abbrev=False,
-                            description="fl-sd: federated MHMD / FedBABU / FedAvg ... Options after --config override it.")
+                            description="fl-sd: federated MHMD / FedBABU / FedAvg ... Options after --config override it.",
+                            epilog=algorithms_help(), formatter_class=_HelpFormatter)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config file (configs/*.yaml)")
     parser.add_argument("--resume", type=Optional[str], default=None, help="continue the run in this directory")
     parser.add_class_arguments(config_cls)

@@ -63,6 +63,10 @@ def test_help_lists_every_algorithm_option():
                 "--algorithm.lg_fedavg.init_from", "--flower.num_cpus", "--data.synthetic.num_classes",
                 "--algorithm.loss_options.kd_weight"):
         assert key in text, key
+    from orchestrator.algorithms import get_algorithm, list_algorithms
+
+    for name in list_algorithms():  # and every algorithm, one per line, with its description
+        assert f"\n  {name}: {get_algorithm(name).description}\n" in text + "\n", name
 
 
 def test_every_shipped_config_parses():

@@ -32,7 +32,13 @@ class MultiHeadOutput(NamedTuple):
 
 
 class AuxHead(nn.Module):
-    """Global average pool, then one bias-free Linear(C -> K + 1); the last output is the temperature logit s."""
+    """Global average pool, then one bias-free Linear(C -> K + 1); the last output is the temperature logit s.
+
+    The temperature logit's weights are the last row of ``fc.weight`` (and of ``fc.bias`` when there is one),
+    ``TEMPERATURE_ROWS``: an algorithm can train or share them apart from the class rows (:func:`head_piece_rows`).
+    """
+
+    TEMPERATURE_ROWS = slice(-1, None)
 
     def __init__(self, in_channels: int, num_classes: int, bias: bool = False):
         super().__init__()
@@ -51,6 +57,31 @@ def batch_norm(track_running_stats: bool):
         return nn.BatchNorm2d(channels, track_running_stats=track_running_stats)
 
     return make
+
+
+#: Pieces of the head, finer than the head as a whole (:func:`head_piece_rows`).
+HEAD_PIECES = ("final_head", "aux_heads", "temperature")
+
+
+def head_piece_rows(piece: str, keys) -> dict[str, slice | None]:
+    """Which of the state-dict ``keys`` -- and which rows of them (``None``: the whole tensor) -- hold a piece of the
+    head: ``final_head`` (``classifier.*``), ``aux_heads`` (``aux_heads.*``: class and temperature rows) or
+    ``temperature`` (the temperature row of every auxiliary head's ``fc`` weights, ``AuxHead.TEMPERATURE_ROWS``).
+
+    A function of the key names alone, so the server side (which holds states, not networks) applies the same rule
+    as the client side."""
+    if piece not in HEAD_PIECES:
+        raise ValueError(f"unknown head piece {piece!r}; choose one of {HEAD_PIECES}")
+    rows: dict[str, slice | None] = {}
+    for key in keys:
+        parts = key.split(".")
+        if piece == "final_head" and parts[0] == "classifier":
+            rows[key] = None
+        elif piece == "aux_heads" and parts[0] == "aux_heads":
+            rows[key] = None
+        elif piece == "temperature" and parts[0] == "aux_heads" and parts[2:3] == ["fc"]:
+            rows[key] = AuxHead.TEMPERATURE_ROWS
+    return rows
 
 
 class MultiHeadNet(nn.Module):
@@ -153,3 +184,7 @@ class MultiHeadNet(nn.Module):
 
     def head_state_keys(self) -> list[str]:
         return [k for k in self.state_dict() if self.is_head_key(k)]
+
+    def head_piece_rows(self, piece: str) -> dict[str, slice | None]:
+        """:func:`head_piece_rows` of this network's head keys."""
+        return head_piece_rows(piece, self.head_state_keys())
