@@ -22,6 +22,7 @@ parts train -- also in ``head`` fine-tuning, as the reference does. They are par
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -314,7 +315,7 @@ class MultiHeadClassifier(pl.LightningModule):
                      loss: LossConfig | MultiHeadLoss | None = None, hooks: StepHooks | None = None,
                      return_head: bool = False, num_samples: int | None = None,
                      on_epoch_end: Callable[[int], None] | None = None,
-                     steps_per_epoch: int | None = None) -> ClientUpdate:
+                     steps_per_epoch: int | None = None, autocast: torch.autocast | None = None) -> ClientUpdate:
         """One client update: load states in place, one SGD step per ``(x, y)`` in ``batches``, return the result.
 
         ``state`` (any state-dict keys, e.g. a whole model), then ``body_state`` and ``head_state`` are copied into the
@@ -334,16 +335,15 @@ class MultiHeadClassifier(pl.LightningModule):
         the optimizer's momentum between epochs; it may switch the network to eval mode (train mode is restored
         before the next step). Only complete epochs are reported.
 
+        ``autocast`` (e.g. ``torch.autocast("cuda", dtype=torch.bfloat16)``: mixed precision) wraps the forward pass
+        and the loss of every step.
+
         Raises :class:`NonFiniteLossError` (a ``FloatingPointError``) naming the first step whose loss was NaN/Inf;
         the module's weights are then undefined (load a good state before reusing it).
         """
         if on_epoch_end is not None and (steps_per_epoch is None or steps_per_epoch < 1):
             raise ValueError(f"on_epoch_end needs steps_per_epoch >= 1, got {steps_per_epoch!r}")
-        part = self.train_part if train_part is None else train_part
-        body_lr = self.lr if lr is None else float(lr)
-        if head_lr is None:
-            head_lr = body_lr if lr is not None else self.effective_head_lr
-        loss_fn = self.loss_fn if loss is None else loss if isinstance(loss, MultiHeadLoss) else MultiHeadLoss(loss)
+        part, body_lr, head_lr, loss_fn = self.update_settings(train_part, lr, head_lr, loss)
         hooks = hooks or StepHooks()
         for key, given in (("state", state), ("body", body_state), ("head", head_state)):
             if given is not None:
@@ -362,15 +362,16 @@ class MultiHeadClassifier(pl.LightningModule):
                 for x, y in batches:
                     x = x.to(device, non_blocking=True)
                     y = y.to(device, non_blocking=True)
-                    out = net(x)
-                    losses = loss_fn(out, y)
+                    with autocast if autocast is not None else nullcontext():
+                        out = net(x)
+                        losses = loss_fn(out, y)
                     optimizer.zero_grad(set_to_none=True)
                     losses.total.backward()
                     if not hooks.before_step(steps, optimizer):
                         optimizer.step()
                     hooks.after_step(steps, optimizer)
                     if hooks.record(steps):
-                        records.append(self._step_record(losses, out, y))
+                        records.append(self.step_record(losses, out, y))
                         processed += y.shape[0]
                     steps += 1
                     if on_epoch_end is not None and steps % steps_per_epoch == 0:
@@ -383,7 +384,7 @@ class MultiHeadClassifier(pl.LightningModule):
                 net.eval()
         if not records:
             raise ValueError("local_update got no batches")
-        metrics = self._summarise(records, processed)
+        metrics = self.summarise_steps(records, processed)
         return ClientUpdate(
             body_state=self.get_state("body"),
             head_state=self.get_state("head") if return_head else None,
@@ -391,6 +392,19 @@ class MultiHeadClassifier(pl.LightningModule):
             num_steps=len(records),
             metrics=metrics,
         )
+
+    def update_settings(self, train_part: str | None = None, lr: float | None = None, head_lr: float | None = None,
+                        loss: LossConfig | MultiHeadLoss | None = None) -> tuple[str, float, float, MultiHeadLoss]:
+        """(part, body lr, head lr, loss module) of one update given :meth:`local_update`'s arguments: the module's
+        settings where an argument is None; ``head_lr`` follows ``lr`` when only ``lr`` is given."""
+        part = self.train_part if train_part is None else train_part
+        if part not in TRAIN_PARTS:
+            raise ValueError(f"train_part must be one of {TRAIN_PARTS}, got {part!r}")
+        body_lr = self.lr if lr is None else float(lr)
+        if head_lr is None:
+            head_lr = body_lr if lr is not None else self.effective_head_lr
+        loss_fn = self.loss_fn if loss is None else loss if isinstance(loss, MultiHeadLoss) else MultiHeadLoss(loss)
+        return part, body_lr, float(head_lr), loss_fn
 
     def _param_groups(self, part: str, lr: float, head_lr: float) -> list[dict]:
         """SGD groups of what ``part`` trains: ``body`` at ``lr``, ``head`` at ``head_lr``, each with its ``names``."""
@@ -423,14 +437,18 @@ class MultiHeadClassifier(pl.LightningModule):
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
     @torch.no_grad()
-    def _step_record(self, losses: LossOutput, out: MultiHeadOutput, y: Tensor) -> Tensor:
-        """``_loss_temp_values`` followed by the number of correct predictions of each head."""
+    def step_record(self, losses: LossOutput, out: MultiHeadOutput, y: Tensor) -> Tensor:
+        """One step's metrics as one device vector: the loss parts and mean temperatures (``value_names``), then the
+        number of correct predictions of each head (``head_names``). :meth:`summarise_steps` turns a list of them into
+        an update's metrics (also used by the batched engine, ``lightning_modules.batched``)."""
         logits = torch.stack([out.final.detach(), *(a.detach() for a in out.aux)])  # (heads, B, K)
         correct = (logits.argmax(dim=2) == y).sum(dim=1).float()
         return torch.cat([self._loss_temp_values(losses, out), correct])
 
-    def _summarise(self, records: list[Tensor], processed: int) -> dict[str, float]:
-        table = torch.stack(records).cpu().double()  # (steps, values); the one device -> host transfer
+    def summarise_steps(self, records: list[Tensor] | Tensor, processed: int) -> dict[str, float]:
+        """Mean over steps of the :meth:`step_record` values and each head's accuracy over ``processed`` samples;
+        raises :class:`NonFiniteLossError` for the first step whose loss was NaN/Inf."""
+        table = (records if isinstance(records, Tensor) else torch.stack(records)).cpu().double()  # (steps, values); the one device -> host transfer
         total_loss = table[:, 0]
         bad = ~torch.isfinite(total_loss)
         sums = table.sum(dim=0).tolist()

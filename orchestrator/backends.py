@@ -13,7 +13,7 @@ from typing import Callable
 
 from .algorithms import Algorithm
 from .algorithms.context import ClientJob, State
-from .clients import ClientResult, ClientRuntime, run_client
+from .clients import ClientResult, ClientRuntime, run_client, run_clients_batched
 from .config import Config
 
 
@@ -33,8 +33,33 @@ class InProcessBackend:
         pass
 
 
+class BatchedBackend:
+    """Trains a round's clients as one computation (``lightning_modules.batched``), in chunks of ``max_clients``
+    (0: all at once), on the runtime's device."""
+
+    name = "batched"
+
+    def __init__(self, runtime: ClientRuntime, algorithm: Algorithm, max_clients: int = 0):
+        if not algorithm.batchable:
+            raise ValueError(f"algorithm {algorithm.name} cannot run on the batched engine; use backend inprocess")
+        self.runtime, self.algorithm, self.max_clients = runtime, algorithm, max_clients
+
+    def run_clients(self, jobs: list[ClientJob], global_state: State, on_result: Callable[[ClientResult], None]) -> None:
+        size = self.max_clients or len(jobs)
+        for start in range(0, len(jobs), size):
+            for result in run_clients_batched(self.runtime, self.algorithm, jobs[start:start + size], global_state):
+                on_result(result)
+
+    def close(self) -> None:
+        pass
+
+
 def _inprocess(cfg: Config, run_dir, runtime: ClientRuntime, algorithm: Algorithm) -> InProcessBackend:
     return InProcessBackend(runtime, algorithm)
+
+
+def _batched(cfg: Config, run_dir, runtime: ClientRuntime, algorithm: Algorithm) -> BatchedBackend:
+    return BatchedBackend(runtime, algorithm, cfg.batched.max_clients)
 
 
 def _flower(cfg: Config, run_dir, runtime: ClientRuntime, algorithm: Algorithm):
@@ -46,7 +71,7 @@ def _flower(cfg: Config, run_dir, runtime: ClientRuntime, algorithm: Algorithm):
 
 
 #: backend name -> factory(cfg, run_dir, runtime, algorithm)
-BACKENDS: dict[str, Callable] = {"inprocess": _inprocess, "flower": _flower}
+BACKENDS: dict[str, Callable] = {"inprocess": _inprocess, "batched": _batched, "flower": _flower}
 
 
 def make_backend(name: str, cfg: Config, run_dir, runtime: ClientRuntime, algorithm: Algorithm):

@@ -29,6 +29,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def precision_settings(precision: str, device: torch.device) -> tuple[torch.dtype, torch.autocast | None]:
+    """(dtype of the weights and the input batches, autocast context or None) of a ``precision`` (Lightning's names:
+    ``32-true``, ``64-true``, ``bf16-mixed`` = float32 weights, bfloat16 autocast of forward and loss)."""
+    if precision == "32-true":
+        return torch.float32, None
+    if precision == "64-true":
+        return torch.float64, None
+    if precision == "bf16-mixed":
+        return torch.float32, torch.autocast(device.type, dtype=torch.bfloat16)
+    raise ConfigError(f"config key precision: unknown {precision!r}; choose 32-true, 64-true or bf16-mixed")
+
+
 def make_algorithm(cfg: Config) -> Algorithm:
     """The configured algorithm with its typed options (``algorithm.<name>``)."""
     return get_algorithm(cfg.algorithm.name)(cfg.algorithm_options())

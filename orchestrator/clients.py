@@ -15,11 +15,13 @@ import torch
 from fl_sd.data import DeviceData, ImageDataset, Partition, client_batches, seeded_generator
 from fl_sd.hooks import StepHooks
 from fl_sd.losses import LossConfig, MultiHeadLoss
+from lightning_modules.batched import ClientFailed, batched_local_update
 from lightning_modules.client import ClientUpdate, MultiHeadClassifier
 
 from .algorithms import Algorithm
 from .algorithms.context import TRAIN_STREAM, Batch, ClientJob, State
-from .build import build_network, check_partition, client_partition, load_data, loss_configs, resolve_device
+from .build import (build_network, check_partition, client_partition, load_data, loss_configs, precision_settings,
+                    resolve_device)
 from .config import Config
 from .evaluation import head_names, predict, predict_splits
 
@@ -48,8 +50,13 @@ class ClientRuntime:
         self._base_lr, self._head_lr = f.lr, f.head_lr
         self.partition = check_partition(cfg, partition)
         self.num_clients = partition.num_clients
-        self.train_data = DeviceData(dataset.train_images, dataset.train_labels, dataset.mean, dataset.std, device)
-        self.test_data = DeviceData(dataset.test_images, dataset.test_labels, dataset.mean, dataset.std, device)
+        dtype, self.autocast = precision_settings(cfg.precision, device)
+        self.train_data = DeviceData(dataset.train_images, dataset.train_labels, dataset.mean, dataset.std, device,
+                                     dtype=dtype)
+        self.test_data = DeviceData(dataset.test_images, dataset.test_labels, dataset.mean, dataset.std, device,
+                                    dtype=dtype)
+        #: clients per batched computation when evaluation and personalisation run batched (backend: batched), else 0
+        self.batch_clients = (cfg.batched.max_clients or self.num_clients) if cfg.backend == "batched" else 0
         self.train_sizes = partition.train_sizes()
         self.test_sizes = partition.test_sizes()
         self.test_owner = torch.as_tensor(partition.test_owner(len(dataset.test_labels)), device=device)
@@ -58,7 +65,7 @@ class ClientRuntime:
 
         net = build_network(cfg, algorithm, dataset.image_shape, dataset.num_classes)
         self.module = MultiHeadClassifier(net=net, train_part=algorithm.train_part, lr=f.lr, momentum=f.momentum,
-                                          weight_decay=f.weight_decay).to(device)
+                                          weight_decay=f.weight_decay).to(device=device, dtype=dtype)
         self.net = self.module.net
         self.train_loss, self.finetune_loss = loss_configs(cfg, algorithm)
         self._losses: dict[LossConfig, MultiHeadLoss] = {}
@@ -112,14 +119,28 @@ class ClientRuntime:
         return self.module.local_update(
             batches, state=start, train_part=part, lr=lr, head_lr=self.head_lr(lr) if head_lr is None else head_lr,
             loss=self._loss(loss or self.train_loss), hooks=hooks, return_head=return_head, num_samples=num_samples,
-            on_epoch_end=on_epoch_end, steps_per_epoch=steps_per_epoch)
+            on_epoch_end=on_epoch_end, steps_per_epoch=steps_per_epoch, autocast=self.autocast)
+
+    def train_batched(self, batches: list[Iterable[Batch]], *, starts: list[State], part: str, lr: float,
+                      head_lr: float | None = None, loss: LossConfig | None = None, return_head: bool = False,
+                      num_samples: list[int] | None = None, steps_per_epoch: list[int] | None = None,
+                      on_epoch_end: Callable | None = None) -> list[ClientUpdate]:
+        return batched_local_update(
+            self.module, starts, batches, train_part=part, lr=lr,
+            head_lr=self.head_lr(lr) if head_lr is None else head_lr, loss=self._loss(loss or self.train_loss),
+            return_head=return_head, num_samples=num_samples, steps_per_epoch=steps_per_epoch,
+            on_epoch_end=on_epoch_end, autocast=self.autocast)
 
     def load(self, state: State) -> None:
         self.module.load_state(state)
 
     def predict(self, client: int | None, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         index = None if client is None else self._test_index[client]
-        return predict(self.net, self.test_data, index, batch_size or self.eval_batch_size)
+        return predict(self.net, self.test_data, index, batch_size or self.eval_batch_size, self.autocast)
+
+    def test_split(self, client: int) -> torch.Tensor:
+        """The indices of ``client``'s test samples in ``test_data`` (on the device)."""
+        return self._test_index[client]
 
     def predict_each(self, clients: Iterable[int], batch_size: int | None = None
                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -142,3 +163,14 @@ def run_client(runtime: ClientRuntime, algorithm: Algorithm, job: ClientJob, glo
     except FloatingPointError as err:
         raise FloatingPointError(f"client {job.client}: {err}") from None
     return ClientResult(job.client, update, own)
+
+
+def run_clients_batched(runtime: ClientRuntime, algorithm: Algorithm, jobs: list[ClientJob],
+                        global_state: State) -> list[ClientResult]:
+    """The local updates of ``jobs`` as one computation (``Algorithm.batched_client_updates``), in job order."""
+    batches = [runtime.batches(job.client, job.round, runtime.local_epochs) for job in jobs]
+    try:
+        results = algorithm.batched_client_updates(runtime, jobs, global_state, batches)
+    except ClientFailed as err:
+        raise FloatingPointError(f"client {jobs[err.index].client}: {err}") from None
+    return [ClientResult(job.client, update, own) for job, (update, own) in zip(jobs, results)]

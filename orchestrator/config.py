@@ -150,12 +150,21 @@ class FlowerConfig:
 
 
 @dataclass
+class BatchedConfig:
+    """The batched engine (``backend: batched``): a round's clients trained as one computation; also the
+    per-client evaluation and the personalisation of all clients."""
+
+    max_clients: int = 0  #: clients per batched computation (chunks sized to memory); 0 = a whole round / all clients
+
+
+@dataclass
 class Config:
     seed: int = 1
     name: Optional[str] = None  #: run name; default: derived from dataset, algorithm, s, f, tau, seed
     run_dir: Optional[str] = None  #: default: runs/<name>
     device: str = "auto"  #: auto (cuda when present), cpu, cuda, cuda:N
-    backend: Literal["inprocess", "flower"] = "inprocess"
+    backend: Literal["inprocess", "batched", "flower"] = "inprocess"  #: inprocess = clients one after another
+    precision: Literal["32-true", "64-true", "bf16-mixed"] = "32-true"  #: Lightning's names; bf16-mixed = autocast
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
@@ -164,6 +173,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
+    batched: BatchedConfig = field(default_factory=BatchedConfig)
 
     # -- derived ----------------------------------------------------------------------------------------------
     @property
@@ -352,6 +362,11 @@ def validate(cfg: Config) -> None:
     _check(p.batch_size is None or p.batch_size >= 1, "personalization.batch_size", f"must be >= 1, got {p.batch_size}")
     _check(cfg.checkpoint.every >= 0, "checkpoint.every", f"must be >= 0, got {cfg.checkpoint.every}")
     _validate_flower(cfg.flower)
+    _check(cfg.batched.max_clients >= 0, "batched.max_clients", f"must be >= 0, got {cfg.batched.max_clients}")
+    if cfg.backend == "batched":
+        algorithm = get_algorithm(a.name)(cfg.algorithm_options())
+        _check(algorithm.batchable, "backend", f"algorithm {a.name} cannot run on the batched engine (its local "
+               "update is not one plain training pass: step hooks or phases); use backend: inprocess")
 
 
 def _validate_algorithm_sections(cfg: Config) -> None:

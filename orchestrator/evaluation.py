@@ -13,6 +13,7 @@ decision (``Algorithm.evaluate``). Clients without test data score NaN and are l
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -22,6 +23,7 @@ from torch import nn
 from torch.func import vmap
 
 from fl_sd.models import MultiHeadNet
+from fl_sd.stacked import StackedModels, stacked_forward
 
 if TYPE_CHECKING:  # pragma: no cover
     from .clients import ClientRuntime
@@ -36,7 +38,8 @@ def head_names(net: MultiHeadNet) -> list[str]:
 
 
 @torch.no_grad()
-def predict(net: MultiHeadNet, data, indices: torch.Tensor | None, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(net: MultiHeadNet, data, indices: torch.Tensor | None, batch_size: int,
+            autocast: torch.autocast | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(correct, loss): (H, n) bool and float tensors for the samples ``indices`` (all when None), in order.
 
     Auxiliary logits are the unscaled ones in eval mode (as the reference's evaluation).
@@ -46,10 +49,11 @@ def predict(net: MultiHeadNet, data, indices: torch.Tensor | None, batch_size: i
     corrects, losses = [], []
     try:
         for x, y in data.iterate(batch_size, indices):
-            out = net(x)
-            logits = (out.final, *out.aux)
-            corrects.append(torch.stack([lg.argmax(dim=1) == y for lg in logits]))
-            losses.append(torch.stack([F.cross_entropy(lg, y, reduction="none") for lg in logits]))
+            with autocast if autocast is not None else nullcontext():
+                out = net(x)
+            correct, loss = head_scores(out, y)
+            corrects.append(correct)
+            losses.append(loss)
     finally:
         net.train(was_training)
     if not corrects:  # an empty split
@@ -102,6 +106,13 @@ def predict_splits(net: MultiHeadNet, data, splits: list[torch.Tensor], batch_si
     return out  # type: ignore[return-value]
 
 
+def head_scores(out, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(correct, loss) of every head for one batch: (H, B) bool and float tensors (loss in float32 or wider)."""
+    logits = [lg if lg.dtype in (torch.float32, torch.float64) else lg.float() for lg in (out.final, *out.aux)]
+    return (torch.stack([lg.argmax(dim=1) == y for lg in logits]),
+            torch.stack([F.cross_entropy(lg, y, reduction="none") for lg in logits]))
+
+
 def per_client(values: torch.Tensor, owner: torch.Tensor, num_clients: int) -> torch.Tensor:
     """Per-client means of (H, n) per-sample ``values``; ``owner[i]`` is sample i's client (-1: none); NaN for a
     client without samples."""
@@ -151,12 +162,63 @@ def shared_model(runtime: "ClientRuntime", state: State) -> Scores:
 
 
 def client_models(runtime: "ClientRuntime", model_of: Callable[[int], State]) -> Scores:
-    """Client c evaluated with ``model_of(c)`` (a full state) on its own test split (NaN without test data)."""
+    """Client c evaluated with ``model_of(c)`` (a full state) on its own test split (NaN without test data); with
+    the batched engine (``runtime.batch_clients``) as stacked computations of that many clients."""
+    if runtime.batch_clients:
+        n, heads = runtime.num_clients, len(runtime.heads)
+        acc, lss = np.zeros((heads, n)), np.zeros((heads, n))
+        keys = list(runtime.initial_state)
+        for start in range(0, n, runtime.batch_clients):
+            clients = list(range(start, min(n, start + runtime.batch_clients)))
+            models = StackedModels.stack([model_of(c) for c in clients], keys)
+            acc[:, clients], lss[:, clients] = stacked_scores(runtime, models, clients)
+        return acc, lss
     results = []
     for c in range(runtime.num_clients):
         runtime.load(model_of(c))
         results.append(runtime.predict(c))
     return split_means(results)
+
+
+@torch.no_grad()
+def stacked_scores(runtime: "ClientRuntime", models: StackedModels, clients: list[int]) -> Scores:
+    """Accuracy and loss of every head, two (H, len(clients)) arrays: model k of ``models`` on the test split of
+    ``clients[k]``, as vmapped passes over the clients with equal test-split sizes, in the chunks of
+    ``federation.eval_batch_size`` that :func:`predict` uses (so BatchNorm without running statistics sees the same
+    batches as client-by-client evaluation)."""
+    heads = len(runtime.heads)
+    acc, lss = np.full((heads, len(clients)), np.nan), np.full((heads, len(clients)), np.nan)
+    data, net, bs = runtime.test_data, runtime.net, runtime.eval_batch_size
+    by_size: dict[int, list[int]] = {}
+    for k, c in enumerate(clients):
+        by_size.setdefault(int(runtime.test_sizes[c]), []).append(k)
+    was_training = net.training
+    net.eval()
+    try:
+        for size, ks in by_size.items():
+            if size == 0:
+                continue
+            group = models if len(ks) == len(clients) else models.select(torch.as_tensor(ks, device=data.device))
+            index = torch.stack([runtime.test_split(clients[k]) for k in ks])  # (G, n)
+            correct = torch.zeros(heads, len(ks), dtype=torch.float64, device=data.device)
+            loss = torch.zeros_like(correct)
+            for lo in range(0, size, bs):
+                sel = index[:, lo:lo + bs]
+                g, b = sel.shape
+                x = data.normalise(data.images[sel.reshape(-1)]).view(g, b, *data.images.shape[1:])
+                y = data.labels[sel]
+                with runtime.autocast if runtime.autocast is not None else nullcontext():
+                    out = stacked_forward(net, group, x)
+                flat = type(out)(*[t.reshape(g * b, *t.shape[2:]) if isinstance(t, torch.Tensor)
+                                   else tuple(u.reshape(g * b, *u.shape[2:]) for u in t) for t in out])
+                hit, lo_ss = head_scores(flat, y.reshape(-1))
+                correct += hit.view(heads, g, b).double().sum(2)
+                loss += lo_ss.view(heads, g, b).double().sum(2)
+            acc[:, ks] = (correct / size).cpu().numpy()
+            lss[:, ks] = (loss / size).cpu().numpy()
+    finally:
+        net.train(was_training)
+    return acc, lss
 
 
 def client_accuracy(runtime: "ClientRuntime", client: int) -> float:

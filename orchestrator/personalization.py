@@ -6,13 +6,17 @@ import time
 from typing import Any
 
 import numpy as np
+import torch
+
+from fl_sd.stacked import StackedModels
+from lightning_modules.batched import ClientFailed
 
 from .algorithms import Algorithm
 from .algorithms.context import FINETUNE_STREAM, ClientJob, State
 from .clients import ClientRuntime
 from .config import PersonalizationConfig
 from .errors import TrainingDiverged
-from .evaluation import client_accuracy
+from .evaluation import client_accuracy, stacked_scores
 
 
 def personalize(runtime: ClientRuntime, algorithm: Algorithm, settings: PersonalizationConfig, batch_size: int,
@@ -25,7 +29,9 @@ def personalize(runtime: ClientRuntime, algorithm: Algorithm, settings: Personal
     curve = np.zeros((settings.epochs + 1, runtime.num_clients))
     bs = settings.batch_size or batch_size
     t0 = time.perf_counter()
-    for c in tested:
+    if runtime.batch_clients:
+        _personalize_batched(runtime, algorithm, settings, bs, start_state, store, start_round, lr, curve, tested)
+    for c in [] if runtime.batch_clients else tested:
         runtime.load(algorithm.client_model(runtime, ClientJob(c, start_round, lr, store.get(c)), start_state))
         curve[0, c] = client_accuracy(runtime, c)
         if settings.epochs == 0:
@@ -49,3 +55,33 @@ def personalize(runtime: ClientRuntime, algorithm: Algorithm, settings: Personal
     if curve.shape[1] < runtime.num_clients:
         result["clients_without_test"] = runtime.num_clients - len(tested)
     return result
+
+
+def _personalize_batched(runtime: ClientRuntime, algorithm: Algorithm, settings: PersonalizationConfig, bs: int,
+                         start_state: State, store: dict[int, State], start_round: int, lr: float,
+                         curve: np.ndarray, tested: list[int]) -> None:
+    """:func:`personalize` with the batched engine: ``runtime.batch_clients`` clients fine-tune as one computation;
+    each is evaluated after every one of its epochs (its own momentum carries over, as sequentially)."""
+    keys, size = list(runtime.initial_state), runtime.batch_clients
+    for first in range(0, len(tested), size):
+        clients = tested[first:first + size]
+        starts = [algorithm.client_model(runtime, ClientJob(c, start_round, lr, store.get(c)), start_state)
+                  for c in clients]
+        curve[0, clients] = stacked_scores(runtime, StackedModels.stack(starts, keys), clients)[0][0]
+        if settings.epochs == 0:
+            continue
+
+        def on_epoch_end(done: list[tuple[int, int]], models: StackedModels, clients=clients) -> None:
+            ks = [k for k, _ in done]
+            sub = models.select(torch.as_tensor(ks, device=runtime.device))
+            accuracy = stacked_scores(runtime, sub, [clients[k] for k in ks])[0][0]
+            for (k, epoch), value in zip(done, accuracy):
+                curve[epoch, clients[k]] = value
+
+        try:
+            runtime.train_batched(
+                [runtime.batches(c, 0, settings.epochs, FINETUNE_STREAM, batch_size=bs) for c in clients],
+                starts=starts, part=settings.part, lr=settings.lr, head_lr=settings.lr, loss=runtime.finetune_loss,
+                steps_per_epoch=[math.ceil(runtime.train_sizes[c] / bs) for c in clients], on_epoch_end=on_epoch_end)
+        except ClientFailed as err:
+            raise TrainingDiverged(f"personalisation, client {clients[err.index]}: {err}") from None

@@ -32,7 +32,8 @@ class DeviceData:
     images: torch.Tensor  # uint8 (N, C, H, W) on device
     labels: torch.Tensor  # int64 (N,) on device
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, mean, std, device="cpu", padding: int = PADDING):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, mean, std, device="cpu", padding: int = PADDING,
+                 dtype: torch.dtype = torch.float32):
         images = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
         labels = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
         if images.ndim == 3:  # (N, H, W) grayscale
@@ -57,8 +58,11 @@ class DeviceData:
         if len(mean) != c or len(std) != c:
             raise DataError(f"mean/std need {c} value(s), one per channel; got mean={mean} std={std}")
         self.mean_values, self.std_values = mean, std
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
+        if not dtype.is_floating_point:
+            raise DataError(f"dtype={dtype} is invalid; fix: use a floating-point dtype such as torch.float32")
+        self.dtype = dtype
+        self.mean = torch.tensor(mean, dtype=dtype, device=self.device).view(1, c, 1, 1)
+        self.std = torch.tensor(std, dtype=dtype, device=self.device).view(1, c, 1, 1)
         h, w = self.images.shape[2:]
         self._rows = torch.arange(h, device=self.device)
         self._cols = torch.arange(w, device=self.device)
@@ -81,8 +85,9 @@ class DeviceData:
     # ------------------------------------------------------------------------------------------------------------
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, C, H, W) -> float32 ``(x / 255 - mean) / std`` (torchvision's ToTensor + Normalize)."""
-        return x.to(torch.float32).div_(255).sub_(self.mean).div_(self.std)
+        """uint8 (B, C, H, W) -> ``(x / 255 - mean) / std`` in ``dtype`` (float32: torchvision's ToTensor +
+        Normalize)."""
+        return x.to(self.dtype).div_(255).sub_(self.mean).div_(self.std)
 
     def draw_augmentation(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """On the CPU: ``(offsets (2, n) in [0, 2*padding], flips (n,) in {0, 1})`` for ``n`` samples."""

@@ -137,6 +137,25 @@ class Algorithm:
                            num_samples=ctx.num_train_samples(job.client))
         return update, self.kept_state(update)
 
+    @property
+    def batchable(self) -> bool:
+        """Whether the batched engine (``backend: batched``) can run this algorithm's local updates: true when the
+        local update is the plain one (one ``ctx.train`` with the algorithm's part and loss, no step hooks). An
+        algorithm that overrides ``client_update`` is not batchable unless it also overrides this property and
+        ``batched_client_updates``."""
+        return type(self).client_update is Algorithm.client_update
+
+    def batched_client_updates(self, ctx: ClientContext, jobs: list[ClientJob], global_state: State,
+                               batches: list[Iterable]) -> list[tuple["ClientUpdate", State | None]]:
+        """``client_update`` of every job as one computation (``ctx.train_batched``); the same results in order."""
+        if not self.batchable:
+            raise TypeError(f"algorithm {self.name} cannot run on the batched engine")
+        updates = ctx.train_batched(batches, starts=[overlay(global_state, j.own_state) for j in jobs],
+                                    part=self.train_part, lr=jobs[0].lr, loss=ctx.train_loss,
+                                    return_head=self.returns_head,
+                                    num_samples=[ctx.num_train_samples(j.client) for j in jobs])
+        return [(u, self.kept_state(u)) for u in updates]
+
     def kept_state(self, update: "ClientUpdate") -> State | None:
         return None if self.keeps is None else select_part(update, self.keeps)
 

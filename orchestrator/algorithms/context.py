@@ -82,6 +82,12 @@ class ClientContext(Protocol):
               steps_per_epoch: int | None = None) -> "ClientUpdate":
         """The one local loop (``MultiHeadClassifier.local_update``) from ``start`` (None: the weights as they are)."""
 
+    def train_batched(self, batches: list[Iterable[Batch]], *, starts: list[State], part: str, lr: float,
+                      head_lr: float | None = None, loss: "LossConfig | None" = None, return_head: bool = False,
+                      num_samples: list[int] | None = None) -> list["ClientUpdate"]:
+        """Several clients' ``train`` as one computation (``lightning_modules.batched``): client k from the full
+        state ``starts[k]`` on ``batches[k]``; the same settings for all (no hooks)."""
+
     def load(self, state: State) -> None:
         """Copy a (full or partial) state into the client's network."""
 
