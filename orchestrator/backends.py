@@ -70,8 +70,14 @@ def _flower(cfg: Config, run_dir, runtime: ClientRuntime, algorithm: Algorithm):
     return FlowerBackend(cfg, run_dir, runtime)
 
 
+def _deployment(cfg: Config, run_dir, runtime: ClientRuntime, algorithm: Algorithm):
+    raise RuntimeError("backend deployment is Flower's deployment runtime: start it with flwr run deploy/flower "
+                       "(docs/flower.md), not with fl-sd")
+
+
 #: backend name -> factory(cfg, run_dir, runtime, algorithm)
-BACKENDS: dict[str, Callable] = {"inprocess": _inprocess, "batched": _batched, "flower": _flower}
+BACKENDS: dict[str, Callable] = {"inprocess": _inprocess, "batched": _batched, "flower": _flower,
+                                 "deployment": _deployment}
 
 
 def make_backend(name: str, cfg: Config, run_dir, runtime: ClientRuntime, algorithm: Algorithm):

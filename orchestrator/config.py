@@ -138,7 +138,8 @@ class CheckpointConfig:
 
 @dataclass
 class FlowerConfig:
-    """The Flower backend (``backend: flower``): Ray resources of each simulated client, cluster, timeouts."""
+    """The Flower backends: Ray resources of each simulated client, cluster, timeouts (``backend: flower``); the
+    timeouts and ``retry_after`` also apply to Flower's deployment runtime (``flwr run``, docs/flower.md)."""
 
     num_cpus: float = 1.0  #: CPUs per simulated client (Ray actor resources); also the client's torch threads
     num_gpus: float = 0.0  #: GPUs (a fraction shares one) per client; > 0 trains the clients on CUDA
@@ -146,6 +147,9 @@ class FlowerConfig:
     ray_init_args: dict = field(default_factory=dict)  #: further ray.init() keyword arguments
     round_timeout: Optional[float] = None  #: seconds to wait for a round's replies; null waits as long as it takes
     startup_timeout: float = 300.0  #: seconds to wait for Ray, the actors and the Flower nodes to come up
+    #: deployment runtime: seconds without a reply after which a client's job is sent again (to the SuperNode that
+    #: now holds its partition); null: only when Flower reports the node unavailable (heartbeats missed)
+    retry_after: Optional[float] = None
     verbose: bool = False  #: Flower's DEBUG logging
 
 
@@ -163,7 +167,8 @@ class Config:
     name: Optional[str] = None  #: run name; default: derived from dataset, algorithm, s, f, tau, seed
     run_dir: Optional[str] = None  #: default: runs/<name>
     device: str = "auto"  #: auto (cuda when present), cpu, cuda, cuda:N
-    backend: Literal["inprocess", "batched", "flower"] = "inprocess"  #: inprocess = clients one after another
+    #: inprocess = clients one after another; deployment: set by the Flower App's ServerApp (flwr run)
+    backend: Literal["inprocess", "batched", "flower", "deployment"] = "inprocess"
     precision: Literal["32-true", "64-true", "bf16-mixed"] = "32-true"  #: Lightning's names; bf16-mixed = autocast
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -393,3 +398,5 @@ def _validate_flower(fl: FlowerConfig) -> None:
     _check(fl.round_timeout is None or fl.round_timeout > 0, "flower.round_timeout",
            f"must be seconds > 0 or null, got {fl.round_timeout}")
     _check(fl.startup_timeout > 0, "flower.startup_timeout", f"must be seconds > 0, got {fl.startup_timeout}")
+    _check(fl.retry_after is None or fl.retry_after > 0, "flower.retry_after",
+           f"must be seconds > 0 or null, got {fl.retry_after}")

@@ -163,7 +163,14 @@ def train(msg: Message, context: Context) -> Message:
     if partition != client:
         raise ValueError(f"message for client {client} reached the node of partition {partition}")
     runtime, algorithm = _client_side(config)
+    return train_reply(msg, context, runtime, algorithm)
+
+
+def train_reply(msg: Message, context: Context, runtime: ClientRuntime, algorithm) -> Message:
+    """Run the ``train`` message's job on this client side; the reply (the layout in the module docstring)."""
     content = msg.content
+    config = content["config"]
+    client = int(config["client"])
     global_state = decode_state(content["global"], runtime.device)
     own = decode_state(content[OWN_STATE], runtime.device) if OWN_STATE in content else None
     job = ClientJob(client, int(config["round"]), float(config["lr"]), own)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from fl_sd.data import Partition
 
@@ -22,10 +22,13 @@ def checkpoint_meta(fed: Federation) -> dict[str, Any]:
             "num_clients": cfg.data.num_clients, "seed": cfg.seed}
 
 
-def run(cfg: Config | None, resume: str | os.PathLike | None = None, stop_after: int | None = None) -> dict[str, Any]:
+def run(cfg: Config | None, resume: str | os.PathLike | None = None, stop_after: int | None = None,
+        backend_factory: Callable | None = None) -> dict[str, Any]:
     """Train, evaluate and personalise; return the results dict (also written to results.json).
 
     ``stop_after`` ends the run after that many rounds in total (used by tests to simulate an interruption).
+    ``backend_factory(cfg, run_dir, runtime, algorithm)`` replaces the configured backend (the deployment ServerApp
+    passes one that talks to Flower's Grid).
     """
     if resume is not None:
         run_dir = Path(resume)
@@ -52,7 +55,10 @@ def run(cfg: Config | None, resume: str | os.PathLike | None = None, stop_after:
     f = cfg.federation
     server = fed.server
     tracker = Tracker(cfg, run_dir, f.rounds, server.round)
-    backend = make_backend(cfg.backend, cfg, run_dir, fed.runtime, fed.algorithm)
+    if backend_factory is None:
+        backend = make_backend(cfg.backend, cfg, run_dir, fed.runtime, fed.algorithm)
+    else:
+        backend = backend_factory(cfg, run_dir, fed.runtime, fed.algorithm)
     try:
         if server.round == 0:
             tracker.message(f"run {cfg.name}: {cfg.algorithm.name}, {cfg.model.name} on {cfg.data.dataset}, "
