@@ -1,12 +1,21 @@
-"""Seconds per federated round: the Flower backend (Flower's simulation engine on Ray) vs the in-process backend, CPU.
+"""Seconds per federated round: the Flower backend (Flower's simulation engine on Ray) and Flower's deployment runtime
+(SuperLink + SuperNodes + ``flwr run``, on loopback) vs the in-process backend, CPU.
 
     WANDB_MODE=disabled python benchmarks/flower_round_time.py [--rounds 5] [--num-cpus 1] [--settings smoke cifar]
+        [--deployment smoke3] [--insecure]
 
 Settings (both synthetic, so nothing is downloaded):
 
 * ``smoke``: configs/smoke.yaml -- cnn4 of width 16, 10 clients of ~100 CIFAR-shaped images, 5 clients a round, 2 steps each.
 * ``cifar``: cnn4 on CIFAR-shaped data with the paper's client size -- 10 clients of 500 images, all 10 every round,
   10 steps of batch 50 each (tau = 1).
+* ``smoke3``: configs/smoke.yaml on 3 clients (IID), 2 a round: small enough for one SuperNode per client here.
+
+``--deployment SETTING...`` adds, for each of those settings, a run on Flower's deployment runtime
+(deploy/local_federation.py: TLS + SuperNode authentication, or ``--insecure``; one SuperNode per client, each with
+its exported shard): ``start`` is the SuperLink and SuperNodes coming up plus everything of ``flwr run`` that is not a
+round (submitting the app, the ServerApp process and its data, node discovery, the final evaluation, the end of the
+run); the round times are the ServerApp's own (``rounds.csv``), the first of ``--rounds`` + 1 reported apart.
 
 For each setting and backend the same Federation runs ``--rounds`` timed rounds (``Federation.run_round``: local
 updates + aggregation, no evaluation) after one untimed warm-up round; the Flower backend's start (Ray, actors, node
@@ -20,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -41,6 +51,7 @@ SETTINGS = {
     "smoke": [],
     "cifar": ["--data.synthetic", '{"num_classes": 10, "train_per_class": 500, "test_per_class": 100}',
               "--data.shards_per_client", "2", "--federation.client_fraction", "1.0", "--model.options", "{}"],
+    "smoke3": ["--data.num_clients", "3", "--data.partition", "iid", "--federation.client_fraction", "0.67"],
 }
 
 
@@ -88,11 +99,46 @@ def bench(setting: str, rounds: int, num_cpus: float, threads: list[int], root: 
     return rows
 
 
+def bench_deployment(setting: str, rounds: int, root: Path, secure: bool) -> dict:
+    sys.path.insert(0, str(REPO / "deploy"))
+    import csv
+
+    from local_federation import LocalFederation
+
+    from orchestrator.shards import export_shards
+
+    total_rounds = rounds + 1
+    overrides = [*QUIET, *SETTINGS[setting], "--federation.rounds", str(total_rounds), "--personalization.enabled",
+                 "false", "--device", "cpu"]
+    cfg = load_config(REPO / "configs" / "smoke.yaml", overrides)
+    shards = export_shards(cfg, root / f"{setting}-shards")
+    run_dir = root / f"{setting}-deployed"
+    t0 = time.perf_counter()
+    with LocalFederation(root / f"{setting}-flower", secure=secure) as fed:
+        fed.start_superlink()
+        for c, shard in enumerate(shards):
+            fed.start_supernode(c, shard)
+        infra = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        fed.run({"config": "configs/smoke.yaml", "base-dir": str(REPO),
+                 "overrides": " ".join(shlex.quote(o) for o in overrides) + f" --run_dir {run_dir}"})
+        total = time.perf_counter() - t1
+    with open(run_dir / "rounds.csv") as fh:
+        seconds = [float(row["seconds"]) for row in csv.DictReader(fh)]
+    mode = "TLS + auth" if secure else "insecure"
+    return {"setting": setting, "backend": f"deployment ({len(shards)} SuperNodes, {mode})",
+            "clients": cfg.clients_per_round, "start": infra + total - sum(seconds), "first": seconds[0],
+            "steady": seconds[1:]}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds after the first")
     parser.add_argument("--num-cpus", type=float, default=1, help="flower.num_cpus: CPUs per simulated client")
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", default=["smoke", "cifar"], choices=list(SETTINGS))
+    parser.add_argument("--deployment", nargs="*", default=[], choices=list(SETTINGS),
+                        help="settings also run on Flower's deployment runtime (one SuperNode per client)")
+    parser.add_argument("--insecure", action="store_true", help="deployment without TLS and authentication")
     parser.add_argument("--threads", nargs="+", type=int, default=sorted({1, torch.get_num_threads()}),
                         help="torch thread counts of the in-process runs (default: 1 and torch's default)")
     args = parser.parse_args(argv)
@@ -100,6 +146,8 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for setting in args.settings:
             rows += bench(setting, args.rounds, args.num_cpus, args.threads, Path(tmp))
+        for setting in args.deployment:
+            rows.append(bench_deployment(setting, args.rounds, Path(tmp), secure=not args.insecure))
     cpu = f"{os.cpu_count()} CPU cores, torch {torch.__version__}"
     try:
         import flwr
