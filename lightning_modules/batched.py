@@ -60,6 +60,7 @@ def batched_local_update(
     steps_per_epoch: Sequence[int] | None = None,
     on_epoch_end: Callable[[list[tuple[int, int]], StackedModels], None] | None = None,
     autocast: torch.autocast | None = None,
+    momentum: float | None = None,
 ) -> list[ClientUpdate]:
     """K local updates at once: client k starts from the full state ``starts[k]`` and takes one SGD step per batch of
     ``batches[k]``; returns K :class:`~lightning_modules.client.ClientUpdate` in order.
@@ -92,7 +93,8 @@ def batched_local_update(
     params = {n: torch.stack([s[n] for s in starts]).detach().clone() for n in train_names}
     frozen = {n: torch.stack([s[n] for s in starts]).detach() for n in frozen_names}
     buffers = {n: torch.stack([s[n] for s in starts]).detach().clone() for n in buffer_names}
-    momentum, weight_decay = module.momentum, module.weight_decay
+    momentum = module.momentum if momentum is None else float(momentum)  # None: the module's
+    weight_decay = module.weight_decay
     moment = {n: torch.zeros_like(p) for n, p in params.items()} if momentum else {}
     lrs_by_value: dict[float, list[str]] = {}
     for n in train_names:

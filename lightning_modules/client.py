@@ -315,7 +315,8 @@ class MultiHeadClassifier(pl.LightningModule):
                      loss: LossConfig | MultiHeadLoss | None = None, hooks: StepHooks | None = None,
                      return_head: bool = False, num_samples: int | None = None,
                      on_epoch_end: Callable[[int], None] | None = None,
-                     steps_per_epoch: int | None = None, autocast: torch.autocast | None = None) -> ClientUpdate:
+                     steps_per_epoch: int | None = None, autocast: torch.autocast | None = None,
+                     momentum: float | None = None) -> ClientUpdate:
         """One client update: load states in place, one SGD step per ``(x, y)`` in ``batches``, return the result.
 
         ``state`` (any state-dict keys, e.g. a whole model), then ``body_state`` and ``head_state`` are copied into the
@@ -325,8 +326,8 @@ class MultiHeadClassifier(pl.LightningModule):
         This call's settings -- ``train_part``, ``lr``, ``head_lr`` (default: ``lr`` when ``lr`` is given, else the
         module's), ``loss`` (a :class:`~fl_sd.losses.LossConfig` or a :class:`~fl_sd.losses.MultiHeadLoss`; default:
         the module's) -- apply to this call only: nothing is left set on the module. A fresh SGD optimizer is built
-        (momentum buffers reset every update, as the reference). ``hooks`` (:class:`fl_sd.hooks.StepHooks`) add what an
-        algorithm needs to each step (a proximal term, meta-steps, ...). The network's train/eval mode and
+        (momentum buffers reset every update, as the reference; ``momentum`` overrides the module's here). ``hooks``
+        (:class:`fl_sd.hooks.StepHooks`) add what an algorithm needs to each step (a proximal term, meta-steps, ...). The network's train/eval mode and
         ``requires_grad`` flags are restored afterwards and its gradients released. Metrics are accumulated on the
         device; the only host synchronisation is at the end.
 
@@ -350,7 +351,8 @@ class MultiHeadClassifier(pl.LightningModule):
                 self.load_state(given, None if key == "state" else key)
         groups = self._param_groups(part, body_lr, head_lr)
         net = self.net
-        optimizer = torch.optim.SGD(groups, lr=body_lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        momentum = self.momentum if momentum is None else float(momentum)
+        optimizer = torch.optim.SGD(groups, lr=body_lr, momentum=momentum, weight_decay=self.weight_decay)
         device = next(net.parameters()).device
         was_training = net.training
         net.train()

@@ -115,21 +115,22 @@ class ClientRuntime:
     def train(self, batches: Iterable[Batch], *, start: State | None, part: str, lr: float,
               head_lr: float | None = None, loss: LossConfig | None = None, hooks: StepHooks | None = None,
               return_head: bool = False, num_samples: int | None = None,
-              on_epoch_end: Callable[[int], None] | None = None, steps_per_epoch: int | None = None) -> ClientUpdate:
+              on_epoch_end: Callable[[int], None] | None = None, steps_per_epoch: int | None = None,
+              momentum: float | None = None) -> ClientUpdate:
         return self.module.local_update(
             batches, state=start, train_part=part, lr=lr, head_lr=self.head_lr(lr) if head_lr is None else head_lr,
             loss=self._loss(loss or self.train_loss), hooks=hooks, return_head=return_head, num_samples=num_samples,
-            on_epoch_end=on_epoch_end, steps_per_epoch=steps_per_epoch, autocast=self.autocast)
+            on_epoch_end=on_epoch_end, steps_per_epoch=steps_per_epoch, autocast=self.autocast, momentum=momentum)
 
     def train_batched(self, batches: list[Iterable[Batch]], *, starts: list[State], part: str, lr: float,
                       head_lr: float | None = None, loss: LossConfig | None = None, return_head: bool = False,
                       num_samples: list[int] | None = None, steps_per_epoch: list[int] | None = None,
-                      on_epoch_end: Callable | None = None) -> list[ClientUpdate]:
+                      on_epoch_end: Callable | None = None, momentum: float | None = None) -> list[ClientUpdate]:
         return batched_local_update(
             self.module, starts, batches, train_part=part, lr=lr,
             head_lr=self.head_lr(lr) if head_lr is None else head_lr, loss=self._loss(loss or self.train_loss),
             return_head=return_head, num_samples=num_samples, steps_per_epoch=steps_per_epoch,
-            on_epoch_end=on_epoch_end, autocast=self.autocast)
+            on_epoch_end=on_epoch_end, autocast=self.autocast, momentum=momentum)
 
     def load(self, state: State) -> None:
         self.module.load_state(state)

@@ -119,6 +119,7 @@ class PersonalizationConfig:
     part: Literal["body", "head", "full"] = "full"
     loss: Optional[str] = None  #: default: the algorithm's local loss
     batch_size: Optional[int] = None  #: default: federation.batch_size
+    momentum: Optional[float] = None  #: default: federation.momentum (the paper fine-tunes at 0.9)
 
 
 @dataclass
@@ -364,6 +365,8 @@ def validate(cfg: Config) -> None:
     _check(f.eval_batch_size >= 1, "federation.eval_batch_size", f"must be >= 1, got {f.eval_batch_size}")
     _check(p.epochs >= 0, "personalization.epochs", f"must be >= 0, got {p.epochs}")
     _check(p.lr >= 0, "personalization.lr", f"must be >= 0, got {p.lr}")
+    _check(p.momentum is None or 0 <= p.momentum < 1, "personalization.momentum",
+           f"must be in [0, 1) or null, got {p.momentum}")
     _check(p.batch_size is None or p.batch_size >= 1, "personalization.batch_size", f"must be >= 1, got {p.batch_size}")
     _check(cfg.checkpoint.every >= 0, "checkpoint.every", f"must be >= 0, got {cfg.checkpoint.every}")
     _validate_flower(cfg.flower)

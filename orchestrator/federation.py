@@ -24,7 +24,7 @@ from .config import Config
 from .errors import TrainingDiverged
 from .evaluation import summarize, temperature_stats
 from .personalization import personalize
-from .server import Server, lr_at, sample_clients
+from .server import Server, clone_state, lr_at, sample_clients
 
 
 class Federation:
@@ -79,11 +79,13 @@ class Federation:
             for key, value in update.metrics.items():
                 metrics.setdefault(key, []).append(value)
 
+        start_state = clone_state(server.global_state) if self.algorithm.needs_round_start_state else None
         try:
             backend.run_clients(jobs, server.global_state, on_result)
         except FloatingPointError as err:
             raise TrainingDiverged(f"round {r + 1}: {err}") from None
         self.algorithm.apply_aggregate(server.global_state, agg.result())
+        self.algorithm.end_round(r, [job.client for job in jobs], start_state)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         record = {"round": r + 1, "lr": lr, "clients": len(jobs), "seconds": time.perf_counter() - start,
@@ -126,8 +128,9 @@ class Federation:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self.server.state_dict(), "torch_rng": torch.get_rng_state()}
+        return {**self.server.state_dict(), "algorithm": self.algorithm.state_dict(), "torch_rng": torch.get_rng_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.server.load_state_dict(state, self.device)
+        self.algorithm.load_state_dict(state.get("algorithm") or {}, self.device)
         torch.set_rng_state(state["torch_rng"])

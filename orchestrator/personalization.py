@@ -43,7 +43,8 @@ def personalize(runtime: ClientRuntime, algorithm: Algorithm, settings: Personal
         try:
             runtime.train(runtime.batches(c, 0, settings.epochs, FINETUNE_STREAM, batch_size=bs), start=None,
                           part=settings.part, lr=settings.lr, head_lr=settings.lr, loss=runtime.finetune_loss,
-                          on_epoch_end=on_epoch_end, steps_per_epoch=math.ceil(runtime.train_sizes[c] / bs))
+                          on_epoch_end=on_epoch_end, steps_per_epoch=math.ceil(runtime.train_sizes[c] / bs),
+                          momentum=settings.momentum)
         except FloatingPointError as err:
             raise TrainingDiverged(f"personalisation, client {c}: {err}") from None
     curve *= 100
@@ -82,6 +83,7 @@ def _personalize_batched(runtime: ClientRuntime, algorithm: Algorithm, settings:
             runtime.train_batched(
                 [runtime.batches(c, 0, settings.epochs, FINETUNE_STREAM, batch_size=bs) for c in clients],
                 starts=starts, part=settings.part, lr=settings.lr, head_lr=settings.lr, loss=runtime.finetune_loss,
-                steps_per_epoch=[math.ceil(runtime.train_sizes[c] / bs) for c in clients], on_epoch_end=on_epoch_end)
+                steps_per_epoch=[math.ceil(runtime.train_sizes[c] / bs) for c in clients], on_epoch_end=on_epoch_end,
+                momentum=settings.momentum)
         except ClientFailed as err:
             raise TrainingDiverged(f"personalisation, client {clients[err.index]}: {err}") from None

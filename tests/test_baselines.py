@@ -60,6 +60,10 @@ def weighted_mean(states, weights, keys):
     return {k: sum(s[k].double() * w for s, w in zip(states, weights)) / total for k in keys}
 
 
+#: FedRep with fl-sd's own variant: a fresh optimizer per phase, evaluated with the kept heads
+FEDREP_OWN = ("--algorithm.fedrep", "{one_optimizer: false, retrain_at_evaluation: false}")
+
+
 def model_of(fed, client, store=None):
     """The full state the algorithm evaluates ``client`` with, after the rounds done so far."""
     store = fed.server.store if store is None else store
@@ -69,7 +73,7 @@ def model_of(fed, client, store=None):
 
 # -- LG-FedAvg -----------------------------------------------------------------------------------------------------
 def test_lg_fedavg_averages_heads_keeps_bodies_local(tmp_path):
-    fed = make_fed(tmp_path, "lg_fedavg")
+    fed = make_fed(tmp_path, "lg_fedavg", "--algorithm.lg_fedavg.per_client_best", "false")
     rt, g = fed.runtime, fed.server.global_state
     assert fed.shared_keys == rt.head_keys
     start = snapshot(g)
@@ -119,7 +123,7 @@ def test_lg_fedavg_init_from_fedavg_run(tmp_path):
 
 # -- FedRep --------------------------------------------------------------------------------------------------------
 def test_fedrep_head_phase_then_body_phase_by_hand(tmp_path, monkeypatch):
-    fed = make_fed(tmp_path, "fedrep")
+    fed = make_fed(tmp_path, "fedrep", *FEDREP_OWN)
     rt, g = fed.runtime, fed.server.global_state
     net, c, lr, mom = rt.net, 1, fed.lr(0), fed.cfg.federation.momentum
     head_batches = list(rt.batches(c, 0, 1))
@@ -155,7 +159,7 @@ def test_fedrep_head_phase_then_body_phase_by_hand(tmp_path, monkeypatch):
 
 
 def test_fedrep_heads_persist_per_client_body_averaged(tmp_path):
-    fed = make_fed(tmp_path, "fedrep")
+    fed = make_fed(tmp_path, "fedrep", *FEDREP_OWN)
     rt, g, store = fed.runtime, fed.server.global_state, fed.server.store
     head0 = snapshot(g, rt.head_keys)
     backend = backend_of(fed)
@@ -177,7 +181,7 @@ def test_fedrep_heads_persist_per_client_body_averaged(tmp_path):
 
 # -- Per-FedAvg ----------------------------------------------------------------------------------------------------
 def test_perfedavg_first_order_step_by_hand(tmp_path):
-    fed = make_fed(tmp_path, "perfedavg")
+    fed = make_fed(tmp_path, "perfedavg", "--algorithm.perfedavg.meta_steps", "paired_batches")
     rt = fed.runtime
     net, c, alpha, beta = rt.net, 2, fed.lr(0), 0.1
     b1, b2 = list(rt.batches(c, 0, 1))[:2]
@@ -210,7 +214,7 @@ def test_perfedavg_first_order_step_by_hand(tmp_path):
 
 @pytest.mark.parametrize("adapt_on", ["train", "test"])
 def test_perfedavg_adapts_on_own_split_only(tmp_path, monkeypatch, adapt_on):
-    fed = make_fed(tmp_path, "perfedavg", "--algorithm.perfedavg.adapt_on", adapt_on)
+    fed = make_fed(tmp_path, "perfedavg", "--algorithm.perfedavg.adapt", adapt_on)
     rt = fed.runtime
     seen = []
     real = rt.batches
@@ -234,7 +238,7 @@ def test_perfedavg_adapts_on_own_split_only(tmp_path, monkeypatch, adapt_on):
 
 
 def test_perfedavg_personalises_the_best_round_model_as_it_was_evaluated(tmp_path):
-    fed = make_fed(tmp_path, "perfedavg", "--federation.rounds", "4")
+    fed = make_fed(tmp_path, "perfedavg", "--federation.rounds", "4", "--algorithm.perfedavg.adapt", "train")
     rt = fed.runtime
     fed.server.best = {"round": 1, "acc": 50.0, "state": snapshot(fed.server.global_state), "client_state": {}}
     fed.server.round = 4  # the run went on; lr(1) = 0.05, lr(4) = 0.0005: the adaptation must use the best round's
@@ -260,7 +264,7 @@ def test_perfedavg_personalises_the_best_round_model_as_it_was_evaluated(tmp_pat
 @pytest.mark.parametrize("reset", [False, True])
 def test_ditto_personal_model_is_proximal_sgd_by_hand(tmp_path, reset):
     fed = make_fed(tmp_path, "ditto", "--federation.momentum", "0", "--algorithm.ditto",
-                   f"{{lam: 0.5, reset_personal: {str(reset).lower()}}}")
+                   f"{{lam: 0.5, protocol: persistent, reset_personal: {str(reset).lower()}}}")
     rt = fed.runtime
     net, c, lr, lam = rt.net, 0, fed.lr(0), 0.5
     batches = list(rt.batches(c, 0, 1))
@@ -284,7 +288,7 @@ def test_ditto_personal_model_is_proximal_sgd_by_hand(tmp_path, reset):
 
 
 def test_ditto_global_is_average_of_local_models_personal_persist(tmp_path):
-    fed = make_fed(tmp_path, "ditto")
+    fed = make_fed(tmp_path, "ditto", "--algorithm.ditto.protocol", "persistent")
     store, g = fed.server.store, fed.server.global_state
     backend = backend_of(fed)
     fed.run_round(backend)
@@ -310,17 +314,29 @@ def test_ditto_global_is_average_of_local_models_personal_persist(tmp_path):
 
 
 # -- whole runs: checkpointed client state, resume, results --------------------------------------------------------
+#: the improved variants, whose evaluated model is the one personalisation starts from
+OWN_VARIANTS = {"fedrep": FEDREP_OWN, "ditto": ("--algorithm.ditto.protocol", "persistent"),
+                "lg_fedavg": ("--algorithm.lg_fedavg.per_client_best", "false"),
+                "perfedavg": ("--algorithm.perfedavg.adapt", "train")}
+
+
+@pytest.mark.parametrize("variant", ["reference", "own"])
 @pytest.mark.parametrize("algorithm", ["fedrep", "perfedavg", "ditto", "lg_fedavg"])
-def test_baseline_runs_end_to_end_and_resumes(tmp_path, algorithm):
-    args = (*TINY, "--algorithm.name", algorithm, "--federation.rounds", "2")
+def test_baseline_runs_end_to_end_and_resumes(tmp_path, algorithm, variant):
+    """A run cut after round 1 and resumed ends with the same numbers: the algorithm's server-side memory (Ditto's
+    previous global, LG-FedAvg's per-client best models, Per-FedAvg's last sampled clients) is checkpointed."""
+    options = OWN_VARIANTS[algorithm] if variant == "own" else ()
+    args = (*TINY, "--algorithm.name", algorithm, "--federation.rounds", "3", *options)
     full = run(tiny_config(tmp_path / "full", *args))
     assert run(tiny_config(tmp_path / "cut", *args), stop_after=1) == {}
     resumed = run(None, resume=tmp_path / "cut")
     assert resumed["personalized"]["acc_mean"] == full["personalized"]["acc_mean"]
     assert resumed["best_acc_final"] == full["best_acc_final"]
-    # personalisation starts from exactly the per-client models evaluated at the selected (best) round
+    assert resumed["global_final"]["acc_final"] == full["global_final"]["acc_final"]
     assert full["personalized"]["start_round"] == full["best_round"]
-    assert full["personalized"]["acc_mean"][0] == pytest.approx(full["best_acc_final"])
+    if variant == "own" or algorithm == "perfedavg":
+        # personalisation starts from exactly the per-client models evaluated at the selected (best) round
+        assert full["personalized"]["acc_mean"][0] == pytest.approx(full["best_acc_final"])
     state = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["state"]
     for own in state["client_state"].values():  # per-client state: one flat state dict of tensors
         assert all(isinstance(t, torch.Tensor) for t in own.values())

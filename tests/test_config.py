@@ -59,7 +59,7 @@ def test_help_lists_every_algorithm_option():
     with redirect_stdout(out), pytest.raises(SystemExit):
         parse_args(["--help"])
     text = out.getvalue()
-    for key in ("--algorithm.ditto.lam", "--algorithm.fedrep.head_epochs", "--algorithm.perfedavg.adapt_on",
+    for key in ("--algorithm.ditto.lam", "--algorithm.fedrep.head_epochs", "--algorithm.perfedavg.adapt",
                 "--algorithm.lg_fedavg.init_from", "--flower.num_cpus", "--data.synthetic.num_classes",
                 "--algorithm.loss_options.kd_weight"):
         assert key in text, key

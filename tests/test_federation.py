@@ -48,7 +48,7 @@ def test_fedavg_changes_heads(tmp_path):
 
 
 def test_fedper_keeps_per_client_heads(tmp_path):
-    fed = make_fed(tmp_path, "--algorithm.name", "fedper")
+    fed = make_fed(tmp_path, "--algorithm.name", "fedper", "--algorithm.fedper.personal_heads", "true")
     head_keys = fed.runtime.head_keys
     heads0 = snapshot(fed.server.global_state, head_keys)
     clients = fed.sample_clients(0)

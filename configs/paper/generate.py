@@ -18,27 +18,39 @@ GRID = [(s, f, R, tau) for s in (100, 50, 10) for f in (0.1, 1.0) for R, tau in 
 #: ``federation`` (overrides of the common federation settings) and ``options`` (algorithm.<name>), each a dict or a
 #: function of the cell (s, f, R, tau).
 FEDBABU_MODEL = {"name": "mobilenet", "options": {"final_bias": True}}
+#: Which number each column reports (BASELINES "Fine-tuning"): only MHMD, FedBABU and FedAvg are fine-tuned (all
+#: clients, from the best-on-test model, 5 epochs full at lr 0.001, momentum 0.9); the other five report their own
+#: evaluation (the best over rounds, as their scripts print it), without fine-tuning.
+FINE_TUNED = ("mhmd", "fedbabu", "fedavg")
 ALGORITHMS = {
     # MHMD: MobileNet with tracked BN, evaluation every 8 rounds, fine-tuning with its own loss.
     "mhmd": {"model": {"name": "mobilenet"}, "eval_every": 8},
-    # FedBABU's main_fed.py: BN without running statistics, final Linear with bias, evaluation every round, CE.
+    # FedBABU's main_fed.py: BN without running statistics (each client's test split its own batch), final Linear
+    # with bias, evaluation every round, CE.
     "fedbabu": {"model": FEDBABU_MODEL, "eval_every": 1},
     "fedavg": {"model": FEDBABU_MODEL, "eval_every": 1},
-    "fedper": {"model": FEDBABU_MODEL, "eval_every": 1},
+    # main_fed.py full/body: the trained head is discarded every round (global body + initial head).
+    "fedper": {"model": FEDBABU_MODEL, "eval_every": 1, "options": {"personal_heads": False}},
     # main_lg.py: from the matching FedAvg cell's best model (run that first), lr 0.001 never decayed,
-    # R = 80/20/8 for tau = 1/4/10.
+    # R = 80/20/8 for tau = 1/4/10; per-client best-round selection, heads re-averaged.
     "lg_fedavg": {"model": FEDBABU_MODEL, "eval_every": 1,
                   "federation": lambda s, f, R, tau: {"rounds": {1: 80, 4: 20, 10: 8}[tau], "lr": 0.001,
                                                       "lr_milestones": []},
-                  "options": lambda s, f, R, tau: {"init_from": f"runs/paper-fedavg-s{s}-f{f:g}-tau{tau}"}},
-    # main_fedrep.py: tau head epochs + 1 body epoch; run_fedrep.sh leaves momentum at the parser default 0.5.
-    "fedrep": {"model": FEDBABU_MODEL, "eval_every": 1, "federation": {"momentum": 0.5}},
-    # main_per_fedavg.py: beta 0.1, momentum 0.9 (hard-coded). Its evaluation adapted on test data (a leak); here on
-    # each client's train data (algorithm.perfedavg.adapt_on: test adapts on its test split instead).
-    "perfedavg": {"model": FEDBABU_MODEL, "eval_every": 1, "options": {"beta": 0.1, "adapt_on": "train"}},
-    # main_ditto.py: lambda 0.75, momentum 0.9, local training at the initial lr throughout (its decay is unused).
+                  "options": lambda s, f, R, tau: {"init_from": f"runs/paper-fedavg-s{s}-f{f:g}-tau{tau}",
+                                                   "per_client_best": True}},
+    # main_fedrep.py: tau head epochs + 1 body epoch through one optimizer; every client re-trained at every
+    # evaluation and rolled back; run_fedrep.sh leaves momentum at the parser default 0.5.
+    "fedrep": {"model": FEDBABU_MODEL, "eval_every": 1, "federation": {"momentum": 0.5},
+               "options": {"one_optimizer": True, "retrain_at_evaluation": True}},
+    # main_per_fedavg.py: beta 0.1, momentum 0.9, tau x (floor(10/tau) + 1) meta-step pairs through one momentum SGD;
+    # before testing every client adapts (alpha step, beta step) on the test split of the round's last sampled client
+    # (adapt: reference -- a leak of test data, kept to reproduce the column; adapt: train is the recommended option).
+    "perfedavg": {"model": FEDBABU_MODEL, "eval_every": 1,
+                  "options": {"beta": 0.1, "adapt": "reference", "meta_steps": "reference"}},
+    # main_ditto.py: lambda 0.75, momentum 0.9, lr constant; personal models overwritten by the global every round,
+    # pull towards the local copy after the momentum step, global = mean of the personal models.
     "ditto": {"model": FEDBABU_MODEL, "eval_every": 1, "federation": {"lr_milestones": []},
-              "options": {"lam": 0.75}},
+              "options": {"lam": 0.75, "protocol": "reference"}},
 }
 
 
@@ -64,7 +76,8 @@ def cell(algorithm: str, s: int, f: float, R: int, tau: int) -> dict:
         "model": copy.deepcopy(spec["model"]),
         "algorithm": algo,
         "federation": federation,
-        "personalization": {"enabled": True, "epochs": 5, "lr": 0.001, "part": "full"},
+        "personalization": {"enabled": algorithm in FINE_TUNED, "epochs": 5, "lr": 0.001, "part": "full",
+                            "momentum": 0.9},
         "checkpoint": {"every": 8},
     }
 

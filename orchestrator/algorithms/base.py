@@ -105,9 +105,24 @@ class Algorithm:
         """The part of the model a client keeps across rounds (may depend on the options)."""
         return self.keeps_part
 
+    #: whether ``end_round`` needs the global state as it was before the round (a copy is made only then)
+    needs_round_start_state: ClassVar[bool] = False
+
     # -- server side ---------------------------------------------------------------------------------------------
     def setup(self, server: ServerContext) -> None:
         """Called once when the federation is built (before any round, and before a checkpoint is loaded)."""
+
+    def end_round(self, round_idx: int, selected: list[int], round_start_state: State | None) -> None:
+        """Server side, after round ``round_idx`` (0-based) was aggregated: ``selected`` are its clients in job order,
+        ``round_start_state`` the global state before it (only when ``needs_round_start_state``, else None). What an
+        algorithm remembers here is its server-side memory (``state_dict``)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The algorithm's server-side memory (checkpointed with the federation); default: none."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any], device) -> None:
+        """Restore ``state_dict()`` (tensors moved to ``device``)."""
 
     def shared_keys(self, body_keys: Iterable[str], head_keys: Iterable[str]) -> list[str]:
         """State-dict keys the server averages and broadcasts."""

@@ -56,6 +56,8 @@ class ClientContext(Protocol):
     finetune_loss: "LossConfig"
     #: tau, local epochs per round
     local_epochs: int
+    #: federation.batch_size (B batches per epoch = ceil(n / batch_size))
+    batch_size: int
     #: number of clients of the federation
     num_clients: int
     #: names of the network's heads: final, aux0, aux1, ...
@@ -79,8 +81,9 @@ class ClientContext(Protocol):
               head_lr: float | None = None, loss: "LossConfig | None" = None, hooks: "StepHooks | None" = None,
               return_head: bool = False, num_samples: int | None = None,
               on_epoch_end: Callable[[int], None] | None = None,
-              steps_per_epoch: int | None = None) -> "ClientUpdate":
-        """The one local loop (``MultiHeadClassifier.local_update``) from ``start`` (None: the weights as they are)."""
+              steps_per_epoch: int | None = None, momentum: float | None = None) -> "ClientUpdate":
+        """The one local loop (``MultiHeadClassifier.local_update``) from ``start`` (None: the weights as they are);
+        ``momentum`` None: ``federation.momentum``."""
 
     def train_batched(self, batches: list[Iterable[Batch]], *, starts: list[State], part: str, lr: float,
                       head_lr: float | None = None, loss: "LossConfig | None" = None, return_head: bool = False,
