@@ -38,6 +38,9 @@ class LossConfig:
             ``batch`` = on all rows, if the teacher gets any row right (ablation 1003); ``none`` = all rows (1002).
     reduction: ``mean`` = the reference's element mean (divide by rows x K); ``batchmean`` = divide by rows.
     detach_teacher: stop gradients into the teacher side of each KL term (the reference does not).
+    final_weight: weight of the final head's cross-entropy (0: the final head gets no loss, modes 2/3/4).
+    aux_only: cross-entropy on this one auxiliary head only (the reference's modes 2/3/4: aux head 0/1/2); None: on
+        every auxiliary head.
     """
 
     aux_weight: float = 10.0
@@ -48,9 +51,13 @@ class LossConfig:
     gating: Gating = "correct"
     reduction: Reduction = "mean"
     detach_teacher: bool = False
+    final_weight: float = 1.0
+    aux_only: int | None = None
 
     def __post_init__(self):
-        for name in ("aux_weight", "kd_weight"):
+        if self.aux_only is not None and self.aux_only < 0:
+            raise ValueError(f"loss.aux_only must be an auxiliary head index >= 0 or None, got {self.aux_only}")
+        for name in ("aux_weight", "kd_weight", "final_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
         if not self.temperature > 0:
@@ -70,6 +77,8 @@ PRESETS: dict[str, dict] = {
     "ungated": {"direction": "self", "gating": "none"},           # 1002: one-way KD on all rows
     "coarse_gated": {"direction": "self", "gating": "batch"},     # 1003: one-way KD on all rows if any is correct
     "one_way": {"direction": "self"},                             # 1004: gated self-distillation only
+    # 2 / 3 / 4: cross-entropy on auxiliary head 0 / 1 / 2 only (aux weight), no final-head loss, no scaler
+    **{f"ce_aux{i}": {"final_weight": 0.0, "kd_weight": 0.0, "aux_only": i, "use_scaler": False} for i in range(3)},
 }
 
 
@@ -132,10 +141,15 @@ class MultiHeadLoss(nn.Module):
         cfg = self.config
         zero = output.final.new_zeros(())
         ce_final = F.cross_entropy(output.final, target)
+        if cfg.final_weight != 1.0:
+            ce_final = cfg.final_weight * ce_final
         aux_logits = output.aux if cfg.use_scaler else output.aux_raw
         ce_aux = zero
-        if cfg.aux_weight > 0 and aux_logits:
-            ce_aux = cfg.aux_weight * sum((F.cross_entropy(a, target) for a in aux_logits), zero)
+        if cfg.aux_only is not None and cfg.aux_only >= len(aux_logits):
+            raise ValueError(f"loss.aux_only = {cfg.aux_only}, but the network has {len(aux_logits)} auxiliary heads")
+        trained = aux_logits if cfg.aux_only is None else [aux_logits[cfg.aux_only]]
+        if cfg.aux_weight > 0 and trained:
+            ce_aux = cfg.aux_weight * sum((F.cross_entropy(a, target) for a in trained), zero)
         kd_self = kd_mutual = zero
         if cfg.kd_weight > 0 and aux_logits:
             T = cfg.temperature

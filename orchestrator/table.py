@@ -1,80 +1,201 @@
-"""Print the paper-style table from finished run directories.
+"""The paper's tables from finished run directories, with the published values beside fl-sd's.
 
-    python -m orchestrator.table runs/paper-*            # rows (s, f, tau), columns algorithms, cells mean ± std
-    python -m orchestrator.table runs/* --metric global  # global (epoch-0) accuracy instead of personalised
+    python -m orchestrator.table runs/paper-*                 # Tables A, B and the ablation table, where runs exist
+    python -m orchestrator.table runs/* --table A --metric global
 
-Several seeds of one cell are pooled: the cell shows the mean over runs of the per-run mean ± std over clients, and
-the number of runs when more than one.
+Table A: rows (s, f, tau), one column per algorithm. Which number a column reports follows its protocol
+(``--metric auto``, the default): a run that was fine-tuned reports its personalised accuracy after 5 epochs (the
+paper: MHMD, FedBABU, FedAvg), a run without fine-tuning its best evaluation over the rounds (the other five columns,
+their scripts' own number); a footnote per column says which. Table B: accuracy after 0, 1, 2, 3, 4, 5, 10, 15, 20
+fine-tuning epochs (runs with f = 0.1, tau = 10, fine-tuned for 20 epochs: configs/paper/table_b). The ablation table:
+the MHMD loss ablations (``mhmd_*``) beside MHMD. Each cell is ``fl-sd (paper)``: mean ± std over clients; several
+seeds of one cell are pooled (the mean over runs of the per-run mean and std, ``n=`` runs).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+#: Table A's column order and the paper's names
+COLUMNS = {"mhmd": "MHMD", "fedbabu": "FedBABU", "fedavg": "FedAvg", "fedper": "FedPer", "lg_fedavg": "LG-FedAvg",
+           "fedrep": "FedRep", "perfedavg": "Per-FedAvg", "ditto": "Ditto"}
+TABLE_B_EPOCHS = (0, 1, 2, 3, 4, 5, 10, 15, 20)
+TABLE_A_EPOCH = 5
+DEFAULT_PAPER = Path(__file__).resolve().parents[1].parent / "shared" / "method" / "PAPER_RESULTS.md"
 
-def collect(run_dirs: list[Path], metric: str = "personalized") -> dict[tuple, dict[str, list[tuple[float, float]]]]:
-    cells: dict[tuple, dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
+Value = tuple[float, float]
+
+
+@dataclass
+class Run:
+    algorithm: str
+    split: object  # shards per client, or the partition name
+    fraction: float
+    tau: int
+    curve: list[Value] | None  # personalised accuracy after each fine-tuning epoch 0..E
+    best: Value | None  # best evaluation over the rounds (acc_final mean, std)
+
+
+def load_runs(run_dirs: list[Path]) -> list[Run]:
+    runs = []
     for run_dir in run_dirs:
         cfg_path, res_path = run_dir / "config.yaml", run_dir / "results.json"
         if not (cfg_path.exists() and res_path.exists()):
             continue
-        cfg = yaml.safe_load(cfg_path.read_text())
-        res = json.loads(res_path.read_text())
-        pers = res.get("personalized")
-        if metric == "personalized" and pers:
-            value = (pers["acc_mean"][-1], pers["acc_std"][-1])
-        elif metric == "global" and res.get("global_best"):
-            value = (res["global_best"]["acc_final"], res["global_best"]["acc_final_std"])
-        else:
-            continue
+        cfg, res = yaml.safe_load(cfg_path.read_text()), json.loads(res_path.read_text())
+        pers, best = res.get("personalized"), res.get("global_best")
         d, f = cfg["data"], cfg["federation"]
-        split = d["shards_per_client"] if d["partition"] == "shards" else d["partition"]
-        key = (split, f["client_fraction"], f["local_epochs"])
-        cells[key][cfg["algorithm"]["name"]].append(value)
-    return cells
+        runs.append(Run(cfg["algorithm"]["name"], d["shards_per_client"] if d["partition"] == "shards" else
+                        d["partition"], float(f["client_fraction"]), int(f["local_epochs"]),
+                        list(zip(pers["acc_mean"], pers["acc_std"])) if pers else None,
+                        (best["acc_final"], best["acc_final_std"]) if best else None))
+    return runs
 
 
-def markdown(cells, order: list[str] | None = None) -> str:
-    algorithms = sorted({a for row in cells.values() for a in row})
-    if order:
-        algorithms = [a for a in order if a in algorithms] + [a for a in algorithms if a not in order]
-    lines = ["| s | f | τ | " + " | ".join(algorithms) + " |", "|---|---|---|" + "---|" * len(algorithms)]
+def table_a_value(run: Run, metric: str) -> tuple[Value | None, str]:
+    """(value, which metric) of a Table A cell: auto = personalised after 5 epochs if fine-tuned, else the best
+    evaluation."""
+    if metric in ("auto", "personalized") and run.curve:
+        epoch = min(TABLE_A_EPOCH, len(run.curve) - 1)
+        return run.curve[epoch], f"personalised accuracy after {epoch} fine-tuning epochs (best-on-test model)"
+    if metric in ("auto", "global") and run.best:
+        return run.best, "best evaluation over the rounds, no fine-tuning (the protocol's own number)"
+    return None, ""
 
-    def sort_key(key):
+
+def pool(values: list[Value]) -> str:
+    mean = sum(v[0] for v in values) / len(values)
+    std = sum(v[1] for v in values) / len(values)
+    return f"{mean:.2f}±{std:.2f}" + (f" (n={len(values)})" if len(values) > 1 else "")
+
+
+def paper_values(path: Path | None) -> dict:
+    """{"A": {(s, f, tau, algorithm): "mean±std"}, "B": {(s, algorithm, epoch): "mean±std"}} from PAPER_RESULTS.md."""
+    out: dict = {"A": {}, "B": {}}
+    if path is None or not path.exists():
+        return out
+    names = {v: k for k, v in COLUMNS.items()}
+    section = None
+    for line in path.read_text().splitlines():
+        if line.startswith("## Table A"):
+            section = "A"
+        elif line.startswith("## Table B"):
+            section = "B"
+        elif line.startswith("## "):
+            section = None
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if section is None or not re.fullmatch(r"\d+", cells[0] if cells else ""):
+            continue
+        if section == "A":
+            s, f, tau = int(cells[0]), float(cells[1]), int(cells[2])
+            for alg, value in zip(COLUMNS, cells[3:]):
+                out["A"][(s, f, tau, alg)] = value
+        elif cells[1] in names:
+            for epoch, value in zip(TABLE_B_EPOCHS, cells[2:]):
+                out["B"][(int(cells[0]), names[cells[1]], epoch)] = value
+    return out
+
+
+def _cell(values: list[Value], paper: str | None) -> str:
+    if not values:
+        return f"— ({paper})" if paper else ""
+    return pool(values) + (f" ({paper})" if paper else "")
+
+
+def _row_order(key):
+    s, f, tau = key
+    return (-s if isinstance(s, (int, float)) else 0, -f, tau)
+
+
+def table_a(runs: list[Run], paper: dict, metric: str = "auto", algorithms: list[str] | None = None) -> str:
+    cells: dict = defaultdict(lambda: defaultdict(list))
+    which: dict[str, set[str]] = defaultdict(set)
+    for run in runs:
+        value, label = table_a_value(run, metric)
+        if value is not None:
+            cells[(run.split, run.fraction, run.tau)][run.algorithm].append(value)
+            which[run.algorithm].add(label)
+    present = {a for row in cells.values() for a in row}
+    algorithms = algorithms or [a for a in COLUMNS if a in present] + sorted(present - set(COLUMNS))
+    if not cells:
+        return ""
+    marks = {a: f"[{i + 1}]" for i, a in enumerate(algorithms)}
+    lines = ["Table A: personalised accuracy (%), fl-sd (paper)", "",
+             "| s | f | τ | " + " | ".join(f"{COLUMNS.get(a, a)} {marks[a]}" for a in algorithms) + " |",
+             "|---|---|---|" + "---|" * len(algorithms)]
+    for key in sorted(cells, key=_row_order):
         s, f, tau = key
-        return (-s if isinstance(s, (int, float)) else 0, -f, tau)
-
-    for key in sorted(cells, key=sort_key):
-        row = []
-        for alg in algorithms:
-            vals = cells[key].get(alg, [])
-            if not vals:
-                row.append("")
-                continue
-            mean = sum(v[0] for v in vals) / len(vals)
-            std = sum(v[1] for v in vals) / len(vals)
-            row.append(f"{mean:.2f}±{std:.2f}" + (f" (n={len(vals)})" if len(vals) > 1 else ""))
-        s, f, tau = key
+        row = [_cell(cells[key].get(a, []), paper["A"].get((s, f, tau, a))) for a in algorithms]
         lines.append(f"| {s} | {f:g} | {tau} | " + " | ".join(row) + " |")
+    lines.append("")
+    for a in algorithms:
+        lines.append(f"{marks[a]} {COLUMNS.get(a, a)}: " + "; ".join(sorted(which[a])) + ".")
     return "\n".join(lines)
+
+
+def table_b(runs: list[Run], paper: dict) -> str:
+    cells: dict = defaultdict(list)
+    for run in runs:
+        if run.curve and run.fraction == 0.1 and run.tau == 10 and len(run.curve) > 1:
+            cells[(run.split, run.algorithm)].append(run.curve)
+    if not cells:
+        return ""
+    lines = ["Table B: personalised accuracy (%) after n fine-tuning epochs (f = 0.1, τ = 10), fl-sd (paper)", "",
+             "| s | algorithm | " + " | ".join(str(e) for e in TABLE_B_EPOCHS) + " |",
+             "|---|---|" + "---|" * len(TABLE_B_EPOCHS)]
+    order = list(COLUMNS)
+    for (s, alg) in sorted(cells, key=lambda k: (-k[0] if isinstance(k[0], int) else 0,
+                                                 order.index(k[1]) if k[1] in order else len(order), k[1])):
+        curves = cells[(s, alg)]
+        row = [_cell([c[e] for c in curves if e < len(c)], paper["B"].get((s, alg, e))) for e in TABLE_B_EPOCHS]
+        lines.append(f"| {s} | {COLUMNS.get(alg, alg)} | " + " | ".join(row) + " |")
+    lines += ["", "Epoch 0 is the model handed to fine-tuning (the best-on-test global model); epochs beyond a run's "
+                  "personalization.epochs are empty."]
+    return "\n".join(lines)
+
+
+def table_ablation(runs: list[Run], metric: str = "auto") -> str:
+    ablations = sorted({r.algorithm for r in runs if r.algorithm.startswith("mhmd_")})
+    if not ablations:
+        return ""
+    columns = ["mhmd", *ablations]
+    body = table_a([r for r in runs if r.algorithm in columns], {"A": {}, "B": {}}, metric, columns)
+    body = body.replace("Table A: personalised accuracy (%), fl-sd (paper)",
+                        "Ablation table: MHMD and its loss ablations, accuracy (%) (no published values)")
+    return body
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m orchestrator.table", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", type=Path)
-    parser.add_argument("--metric", choices=("personalized", "global"), default="personalized")
+    parser.add_argument("--table", choices=("all", "A", "B", "ablation"), default="all")
+    parser.add_argument("--metric", choices=("auto", "personalized", "global"), default="auto",
+                        help="auto: each column by its protocol (fine-tuned runs: after 5 epochs; others: best "
+                             "evaluation); personalized / global: that metric for every column")
+    parser.add_argument("--paper", type=Path, default=DEFAULT_PAPER,
+                        help="the published values (PAPER_RESULTS.md); a missing file shows fl-sd's values only")
     args = parser.parse_args(argv)
-    cells = collect(args.run_dirs, args.metric)
-    if not cells:
+    runs = load_runs(args.run_dirs)
+    if not runs:
         print("error: no finished runs (config.yaml + results.json) among the given directories", file=sys.stderr)
         return 2
-    print(markdown(cells, order=["mhmd", "fedbabu", "fedavg", "fedper", "lg_fedavg", "fedrep", "perfedavg", "ditto"]))
+    paper = paper_values(args.paper)
+    tables = {"A": lambda: table_a([r for r in runs if not r.algorithm.startswith("mhmd_")], paper, args.metric),
+              "B": lambda: table_b(runs, paper), "ablation": lambda: table_ablation(runs, args.metric)}
+    chosen = list(tables) if args.table == "all" else [args.table]
+    texts = [t for t in (tables[name]() for name in chosen) if t]
+    if not texts:
+        print(f"error: no runs for table {args.table} among the given directories", file=sys.stderr)
+        return 2
+    print("\n\n".join(texts))
     return 0
 
 

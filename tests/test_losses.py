@@ -340,7 +340,8 @@ def test_reference_gradient_of_distillation_alone():
 # --- presets ------------------------------------------------------------------------------------------------
 
 def test_preset_table():
-    assert set(PRESETS) == {"mhmd", "ce", "no_scaler", "ungated", "coarse_gated", "one_way"}
+    assert set(PRESETS) == {"mhmd", "ce", "no_scaler", "ungated", "coarse_gated", "one_way", "ce_aux0", "ce_aux1",
+                            "ce_aux2"}
     mhmd = loss_config("mhmd")
     assert mhmd == LossConfig()
     assert (mhmd.aux_weight, mhmd.kd_weight, mhmd.temperature) == (10.0, 1.0, 1.0)
@@ -501,3 +502,19 @@ def test_loss_config_overrides():
     assert loss_config("no_scaler").use_scaler is False
     with pytest.raises(ValueError, match="aux_weight"):
         LossConfig(aux_weight=-1)
+
+
+@pytest.mark.parametrize("head", [0, 1, 2])
+def test_single_aux_head_modes_train_only_that_head(head):
+    """Modes 2/3/4: cross-entropy on auxiliary head ``head`` only (unscaled logits), no final-head loss, no KD."""
+    out = make_output(requires_grad=True)
+    cfg = loss_config(f"ce_aux{head}", aux_weight=10.0)
+    res = MultiHeadLoss(cfg)(out, labels())
+    want = 10.0 * F.cross_entropy(out.aux_raw[head], labels())
+    assert torch.allclose(res.total, want) and res.ce_final == 0 and res.kd_self == 0 and res.kd_mutual == 0
+    res.total.backward()
+    assert out.final.grad is None or not out.final.grad.any()
+    for i, raw in enumerate(out.aux_raw):
+        assert (raw.grad is not None and raw.grad.abs().sum() > 0) == (i == head)
+    with pytest.raises(ValueError, match="auxiliary heads"):
+        MultiHeadLoss(loss_config("ce_aux0", aux_only=3))(make_output(), labels())

@@ -24,3 +24,5 @@ MHMDUngated = _ablation("ungated", "one-way KD final->aux on all samples (mode 1
 MHMDCoarseGated = _ablation("coarse_gated", "one-way KD on all samples if any is right (mode 1003)")
 MHMDOneWay = _ablation("one_way", "gated self-distillation only, no mutual term (mode 1004)")
 MHMDCEOnly = _ablation("ce", "CE on the final head only, MHMD's model and BN (mode 1)")
+MHMDCEAux = [_ablation(f"ce_aux{i}", f"CE on auxiliary head {i} only, no final-head loss, no scaler (mode {2 + i})")
+             for i in range(3)]
