@@ -1,0 +1,109 @@
+"""One evaluation of every head on the test set: fl-sd (``Federation.evaluate``: per-client scores, the learned
+temperatures) against the floor, a bare loop ``net(x)`` + argmax of every head over the same images, at several
+batch sizes. MobileNet on CIFAR-100-shaped synthetic data, 100 clients; BatchNorm with or without running statistics
+(without: each client's split is evaluated as its own batch, as the reference).
+
+    OMP_NUM_THREADS=1 python benchmarks/evaluation.py --test-images 2000
+    python benchmarks/evaluation.py --models mobilenet cnn4 --test-images 10000
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from orchestrator.config import load_config  # noqa: E402
+from orchestrator.evaluation import temperature_stats  # noqa: E402
+from orchestrator.federation import Federation  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = {"mobilenet": 100, "cnn4": 10}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def floor(fed: Federation, batch_size: int) -> float:
+    """A bare eval loop: every head's argmax over the whole test set in batches of ``batch_size``."""
+    net, data = fed.runtime.net, fed.runtime.test_data
+    fed.runtime.load(fed.server.global_state)
+    net.eval()
+    sync(fed.device)
+    t0 = time.perf_counter()
+    hits = torch.zeros((), device=fed.device)
+    for x, y in data.iterate(batch_size):
+        out = net(x)
+        for logits in (out.final, *out.aux):
+            hits += (logits.argmax(1) == y).sum()
+    sync(fed.device)
+    return time.perf_counter() - t0
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["mobilenet"], choices=sorted(CLASSES))
+    parser.add_argument("--test-images", type=int, default=10000)
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[50, 100, 200, 500])
+    parser.add_argument("--running-stats", nargs="+", default=["false", "true"], choices=["false", "true"])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    rows = []
+    for model in args.models:
+        k = CLASSES[model]
+        for stats in args.running_stats:
+            with tempfile.TemporaryDirectory() as tmp:
+                cfg = load_config(REPO / "configs" / "smoke.yaml", [
+                    "--run_dir", tmp, "--device", args.device, "--model.name", model,
+                    "--model.options", f"{{track_running_stats: {stats}}}", "--algorithm.name", "mhmd",
+                    "--data.partition", "iid", "--data.num_clients", "100",
+                    "--data.synthetic", f"{{num_classes: {k}, train_per_class: {max(1, 1000 // k)}, "
+                                        f"test_per_class: {args.test_images // k}}}",
+                    "--tracking.progress", "false", "--tracking.wandb", "disabled"])
+                fed = Federation(cfg, tmp, log=lambda *_: None)
+                fed.evaluate()  # warm-up
+                ours, scores, temps, floors = [], [], [], {b: [] for b in args.batch_sizes}
+                for _ in range(args.repeats):  # interleaved
+                    ours.append(timed(fed.evaluate, fed.device))
+                    scores.append(timed(lambda: fed.algorithm.evaluate(fed.runtime, fed.server.global_state, {}, 0,
+                                                                       0.1), fed.device))
+                    temps.append(timed(lambda: temperature_stats(fed.runtime, fed.server.global_state), fed.device))
+                    for b in args.batch_sizes:
+                        floors[b].append(floor(fed, b))
+                best_b = min(args.batch_sizes, key=lambda b: statistics.median(floors[b]))
+                best = statistics.median(floors[best_b])
+                rows.append((model, stats, str(fed.device), statistics.median(ours), statistics.median(scores),
+                             statistics.median(temps), {b: statistics.median(v) for b, v in floors.items()}, best_b,
+                             best))
+    print(f"\nthreads {torch.get_num_threads()}, {args.test_images} test images, 100 clients, median of "
+          f"{args.repeats}\n")
+    sizes = " | ".join(f"floor b={b} s" for b in args.batch_sizes)
+    print(f"| model | BN running stats | device | fl-sd evaluate s | of which scores s | temperatures s | {sizes} | "
+          f"fl-sd / best floor |")
+    print("|---" * (7 + len(args.batch_sizes)) + "|")
+    for model, stats, dev, ours, score, temp, floors, best_b, best in rows:
+        cells = " | ".join(f"{floors[b]:.2f}" for b in args.batch_sizes)
+        print(f"| {model} | {stats} | {dev} | {ours:.2f} | {score:.2f} | {temp:.2f} | {cells} | {ours / best:.2f} "
+              f"(b={best_b}) |")
+
+
+if __name__ == "__main__":
+    main()
