@@ -26,6 +26,14 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], meta: dict[str, Any]) 
 def load_checkpoint(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """Load and check a checkpoint against the run's identity (model, classes, clients); returns its state with
     ``state["format"]`` set to the file's format version."""
+    payload = read_checkpoint(run_dir)
+    check_meta(run_dir, payload["meta"], meta)
+    return payload["state"]
+
+
+def read_checkpoint(run_dir: Path) -> dict[str, Any]:
+    """``{"meta": ..., "state": ...}`` of a run's checkpoint, unchecked (``state["format"]`` set); CheckpointError
+    if missing or corrupt."""
     path = Path(run_dir) / CHECKPOINT_FILE
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}: the run stopped before its first checkpoint; "
@@ -37,9 +45,13 @@ def load_checkpoint(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
                               "again, or resume from a copy") from None
     if not isinstance(payload, dict) or payload.get("format") not in READABLE_FORMATS or "state" not in payload:
         raise CheckpointError(f"{path} is not an fl-sd checkpoint (format {FORMAT_VERSION})")
-    saved = payload.get("meta", {})
+    return {"meta": payload.get("meta", {}), "state": {**payload["state"], "format": payload["format"]}}
+
+
+def check_meta(run_dir: Path, saved: dict[str, Any], meta: dict[str, Any]) -> None:
+    """The checkpoint's identity keys (model, classes, clients, ...) must equal the run's."""
     for key, value in meta.items():
-        if saved.get(key) != value:
-            raise CheckpointError(f"checkpoint {path} was written for {key}={saved.get(key)!r}, the config says "
-                                  f"{value!r}; resume with the run's own config.yaml")
-    return {**payload["state"], "format": payload["format"]}
+        if key != "config" and saved.get(key) != value:
+            raise CheckpointError(f"checkpoint {Path(run_dir) / CHECKPOINT_FILE} was written for "
+                                  f"{key}={saved.get(key)!r}, the config says {value!r}; resume with the run's own "
+                                  "config.yaml")

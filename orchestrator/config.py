@@ -109,6 +109,10 @@ class FederationConfig:
     eval_every: int = 8  #: evaluate every k rounds (and after the last round)
     eval_batch_size: int = 500
     select: Literal["best", "final"] = "best"  #: model handed to personalisation (best = best-on-test, the paper's)
+    #: divergence without NaN: a client's mean local loss above this stops the run (null: never); chance is ln(C)
+    diverge_loss: Optional[float] = 1000.0
+    #: divergence without NaN: a global weight with |w| above this stops the run (null: never)
+    diverge_weight: Optional[float] = 1.0e6
 
 
 @dataclass
@@ -199,10 +203,37 @@ class Config:
         return asdict(self.data.synthetic)
 
     def default_name(self) -> str:
+        """dataset (npz: the file's stem), model, algorithm, split, N, f, tau, R, lr, seed. Runs that differ elsewhere
+        still share it: a new run refuses a directory that holds a different experiment and names the difference."""
         d, f = self.data, self.federation
         split = {"shards": f"s{d.shards_per_client}", "dirichlet": f"dir{d.alpha:g}", "iid": "iid"}[d.partition]
-        return (f"{d.dataset}-{self.model.name}-{self.algorithm.name}-{split}-f{f.client_fraction:g}"
-                f"-tau{f.local_epochs}-R{f.rounds}-seed{self.seed}")
+        dataset = f"npz_{Path(d.path).stem}" if d.dataset == "npz" and d.path else d.dataset
+        return (f"{dataset}-{self.model.name}-{self.algorithm.name}-{split}-N{d.num_clients}-f{f.client_fraction:g}"
+                f"-tau{f.local_epochs}-R{f.rounds}-lr{f.lr:g}-seed{self.seed}")
+
+    def make_paths_absolute(self) -> None:
+        """Store every path as an absolute one (run_dir too: runs/<name> when unset), so the run's config.yaml works
+        from any working directory (``--resume`` from elsewhere, a sweep's workers)."""
+        if self.name is None:
+            self.name = self.default_name()
+        self.run_dir = os.path.abspath(self.run_dir or os.path.join("runs", self.name))
+        self.data.root = os.path.abspath(self.data.root)
+        if self.data.path:
+            self.data.path = os.path.abspath(self.data.path)
+        options = self.algorithm_options()
+        for key in options.path_fields:
+            if getattr(options, key):
+                setattr(options, key, os.path.abspath(getattr(options, key)))
+
+    def absolute(self) -> "Config":
+        """A copy with :meth:`make_paths_absolute` applied."""
+        copy = dataclasses.replace(self, data=dataclasses.replace(self.data),
+                                   algorithm=dataclasses.replace(self.algorithm))
+        name = self.algorithm.name
+        if isinstance(getattr(self.algorithm, name, None), AlgorithmOptions):
+            setattr(copy.algorithm, name, dataclasses.replace(getattr(self.algorithm, name)))
+        copy.make_paths_absolute()
+        return copy
 
     def to_dict(self) -> dict:
         """Every key, with only the selected algorithm's options section (the others are at their defaults)."""
@@ -332,6 +363,9 @@ def validate(cfg: Config) -> None:
     """Check values and cross-field rules; raise ConfigError naming the key. Cheap: no data is read."""
     d, m, a, f, p = cfg.data, cfg.model, cfg.algorithm, cfg.federation, cfg.personalization
     _check(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
+    _check(cfg.name is None or bool(re.fullmatch(r"[A-Za-z0-9_+=,-][A-Za-z0-9_.+=,-]*", cfg.name)), "name",
+           f"{cfg.name!r} is not a plain directory name (letters, digits, . _ - + = , ; no / and no leading dot); "
+           "set run_dir to put the run elsewhere")
     _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device",
            f"must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     _check(d.num_clients >= 1, "data.num_clients", f"must be >= 1, got {d.num_clients}")
@@ -362,6 +396,8 @@ def validate(cfg: Config) -> None:
     _check(all(0 < x < 1 for x in f.lr_milestones), "federation.lr_milestones",
            f"must be fractions of the rounds in (0, 1), got {f.lr_milestones}")
     _check(f.eval_every >= 1, "federation.eval_every", f"must be >= 1, got {f.eval_every}")
+    for key, bound in (("federation.diverge_loss", f.diverge_loss), ("federation.diverge_weight", f.diverge_weight)):
+        _check(bound is None or bound > 0, key, f"must be > 0 or null, got {bound}")
     _check(f.eval_batch_size >= 1, "federation.eval_batch_size", f"must be >= 1, got {f.eval_batch_size}")
     _check(p.epochs >= 0, "personalization.epochs", f"must be >= 0, got {p.epochs}")
     _check(p.lr >= 0, "personalization.lr", f"must be >= 0, got {p.lr}")

@@ -28,3 +28,13 @@ class CheckpointError(ValueError):
 
 class TrainingDiverged(RuntimeError):
     """A local loss became NaN/Inf; the message says where (round, client)."""
+
+
+class RunInterrupted(Exception):
+    """SIGTERM or Ctrl-C stopped a run; ``checkpointed`` says whether a checkpoint of ``round`` was just written."""
+
+    def __init__(self, signal_name: str, run_dir, round_idx: int, checkpointed: bool):
+        self.signal_name, self.run_dir, self.round, self.checkpointed = signal_name, run_dir, round_idx, checkpointed
+        saved = (f"checkpoint of round {round_idx} saved" if checkpointed
+                 else "the last checkpoint is intact")
+        super().__init__(f"stopped by {signal_name} ({saved}); continue with --resume {run_dir}")

@@ -64,7 +64,7 @@ class Federation:
 
     # -- one round ---------------------------------------------------------------------------------------------------
     def run_round(self, backend) -> dict[str, Any]:
-        server = self.server
+        server, f = self.server, self.cfg.federation
         r = server.round
         lr = self.lr(r)
         jobs = [ClientJob(int(c), r, lr, server.store.get(int(c))) for c in self.sample_clients(r)]
@@ -74,6 +74,10 @@ class Federation:
 
         def on_result(result: ClientResult) -> None:
             update = result.update
+            loss = update.metrics.get("loss")
+            if f.diverge_loss is not None and loss is not None and loss > f.diverge_loss:
+                raise TrainingDiverged(f"round {r + 1}: client {result.client}: mean local loss {loss:.3g} exceeds "
+                                       f"federation.diverge_loss {f.diverge_loss:g}")
             agg.add(self.algorithm.shared_state(update), float(update.num_samples))
             server.keep(result.client, result.own_state)
             for key, value in update.metrics.items():
@@ -86,6 +90,7 @@ class Federation:
             raise TrainingDiverged(f"round {r + 1}: {err}") from None
         self.algorithm.apply_aggregate(server.global_state, agg.result())
         self.algorithm.end_round(r, [job.client for job in jobs], start_state)
+        self.check_weights(r + 1)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         record = {"round": r + 1, "lr": lr, "clients": len(jobs), "seconds": time.perf_counter() - start,
@@ -94,6 +99,18 @@ class Federation:
         server.round += 1
         server.round_log.append(record)
         return record
+
+    def check_weights(self, round_idx: int) -> None:
+        """Divergence without NaN: a global weight beyond ``federation.diverge_weight`` (or non-finite) stops the run."""
+        bound = self.cfg.federation.diverge_weight
+        if bound is None:
+            return
+        for key, value in self.server.global_state.items():
+            if value.is_floating_point() and value.numel():
+                peak = float(value.detach().abs().max())
+                if not peak <= bound:
+                    raise TrainingDiverged(f"round {round_idx}: global weight {key} reached |w| = {peak:.3g}, beyond "
+                                           f"federation.diverge_weight {bound:g}")
 
     # -- evaluation and personalisation --------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, Any]:
@@ -105,11 +122,12 @@ class Federation:
         summary.update(temperature_stats(runtime, server.global_state))
         return server.record_evaluation(summary)
 
-    def personalize(self) -> dict[str, Any]:
-        """Every client fine-tunes from the selected model for E epochs; accuracy after each epoch 0..E."""
+    def personalize(self, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+        """Every client fine-tunes from the selected model for E epochs; accuracy after each epoch 0..E.
+        ``progress(done, total)`` after each client."""
         state, store, start_round, which = self.server.selected_model()
         result = personalize(self.runtime, self.algorithm, self.cfg.personalization, self.cfg.federation.batch_size,
-                             state, store, start_round, self.lr(start_round))
+                             state, store, start_round, self.lr(start_round), progress)
         self.server.personalization = {"start_from": which, "start_round": start_round, **result}
         return self.server.personalization
 

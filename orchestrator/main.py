@@ -16,7 +16,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from fl_sd.data import DataError  # noqa: E402
 from orchestrator.config import parse_args  # noqa: E402
-from orchestrator.errors import CheckpointError, ConfigError, RunDirError, TrainingDiverged  # noqa: E402
+from orchestrator.errors import (CheckpointError, ConfigError, RunDirError, RunInterrupted,  # noqa: E402
+                                 TrainingDiverged)
 
 #: The training stack (Lightning, torchvision) is loaded only once the command line is valid: a typo is reported
 #: without waiting for it.
@@ -37,12 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, RunDirError) as err:
         return _fail(f"error: {err}")
     except TrainingDiverged as err:
-        return _fail(f"error: training diverged (NaN/Inf loss) at {err}; lower federation.lr or check the data. "
+        return _fail(f"error: training diverged at {err}; lower federation.lr or check the data. "
                      "The last checkpoint is intact.", code=3)
+    except RunInterrupted as err:
+        return _fail(f"error: {err}", code=130 if err.signal_name == "Ctrl-C" else 143)
     except (ValueError, OSError, RuntimeError) as err:  # any other bad input: still one line
         return _fail(f"error: {type(err).__name__}: {err}")
-    except KeyboardInterrupt:
-        return _fail("interrupted; continue with --resume RUN_DIR from the last checkpoint", code=130)
+    except KeyboardInterrupt:  # before the run directory exists: nothing to resume
+        return _fail("interrupted before the run started", code=130)
     return 0
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -20,18 +20,22 @@ from .evaluation import client_accuracy, stacked_scores
 
 
 def personalize(runtime: ClientRuntime, algorithm: Algorithm, settings: PersonalizationConfig, batch_size: int,
-                start_state: State, store: dict[int, State], start_round: int, lr: float) -> dict[str, Any]:
+                start_state: State, store: dict[int, State], start_round: int, lr: float,
+                progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Fine-tune every client from the model the algorithm hands it (``client_model`` of the start state after
     ``start_round`` rounds, ``lr`` the schedule's lr there) with ``settings`` (part, lr, epochs, loss); record the
     final head's accuracy on the client's test split after every epoch (one optimizer across epochs). Clients
-    without test data have no score: they are skipped and counted (``clients_without_test``)."""
+    without test data have no score: they are skipped and counted (``clients_without_test``). ``progress(done,
+    total)`` is called after each client (after all of them for the batched engine)."""
     tested = [c for c in range(runtime.num_clients) if runtime.test_sizes[c] > 0]
     curve = np.zeros((settings.epochs + 1, runtime.num_clients))
     bs = settings.batch_size or batch_size
     t0 = time.perf_counter()
     if runtime.batch_clients:
         _personalize_batched(runtime, algorithm, settings, bs, start_state, store, start_round, lr, curve, tested)
-    for c in [] if runtime.batch_clients else tested:
+    for done, c in enumerate([] if runtime.batch_clients else tested):
+        if progress is not None and done:
+            progress(done, len(tested))
         runtime.load(algorithm.client_model(runtime, ClientJob(c, start_round, lr, store.get(c)), start_state))
         curve[0, c] = client_accuracy(runtime, c)
         if settings.epochs == 0:
@@ -47,6 +51,8 @@ def personalize(runtime: ClientRuntime, algorithm: Algorithm, settings: Personal
                           momentum=settings.momentum)
         except FloatingPointError as err:
             raise TrainingDiverged(f"personalisation, client {c}: {err}") from None
+    if progress is not None:
+        progress(len(tested), len(tested))
     curve *= 100
     if len(tested) < runtime.num_clients:
         curve = np.ascontiguousarray(curve[:, tested])

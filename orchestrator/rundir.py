@@ -3,10 +3,14 @@
     runs/<name>/config.yaml         the resolved config (what --resume reads)
                partition.npz        the clients' train/test index sets
                checkpoint.pt        the whole federation's state (orchestrator.checkpoint)
-               rounds.csv, evaluations.csv, personalization.csv, results.json, *.png, wandb/, wandb_id.txt
+               rounds.csv, evaluations.csv, personalization.csv, results.json, *.png, wandb/, wandb_id.txt,
+               wandb_logged.txt
+               .lock                the OS lock of the process that runs in it (see :class:`RunDirLock`)
 """
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +29,60 @@ ROUNDS_FILE = "rounds.csv"
 EVALUATIONS_FILE = "evaluations.csv"
 PERSONALIZATION_FILE = "personalization.csv"
 WANDB_ID_FILE = "wandb_id.txt"
+WANDB_LOGGED_FILE = "wandb_logged.txt"  # the last round W&B was sent
+LOCK_FILE = ".lock"
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover  (not POSIX: no lock)
+    fcntl = None
+
+
+class RunDirLock:
+    """An exclusive OS lock (``flock``) on a run directory, held while a process runs in it.
+
+    The kernel drops it when the process exits, however it exits (also ``kill -9``), so a stale ``.lock`` file never
+    blocks a later run or ``--resume``; a second process on a locked directory gets a :class:`RunDirError` naming
+    the holder's pid. Use as a context manager, or ``acquire()`` / ``release()``.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.run_dir = Path(run_dir)
+        self._fh = None
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir / LOCK_FILE
+
+    def acquire(self) -> "RunDirLock":
+        if fcntl is None or self._fh is not None:
+            return self
+        fh = open(self.path, "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            fh.close()
+            raise RunDirError(f"run directory {self.run_dir} is in use by another fl-sd process (pid {holder}); wait "
+                              "for it to finish (or stop it), or choose another run_dir/name") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()  # closing the descriptor drops the lock
+            self._fh = None
+
+    def __enter__(self) -> "RunDirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def resolve_run_dir(cfg: "Config") -> Path:
@@ -34,11 +92,13 @@ def resolve_run_dir(cfg: "Config") -> Path:
     return Path(cfg.run_dir) if cfg.run_dir else Path("runs") / cfg.name
 
 
-def prepare_new_run_dir(run_dir: Path) -> None:
-    """Create ``run_dir`` for a new run; refuse one that already holds a run, or that cannot be written."""
-    if (run_dir / CHECKPOINT_FILE).exists() or (run_dir / RESULTS_FILE).exists():
-        raise RunDirError(f"run directory {run_dir} already holds a run; continue it with --resume {run_dir}, "
-                          "or set run_dir/name to a new directory")
+def holds_run(run_dir: Path) -> bool:
+    return any((run_dir / name).exists() for name in (CONFIG_FILE, CHECKPOINT_FILE, RESULTS_FILE))
+
+
+def create_run_dir(run_dir: Path) -> bool:
+    """Create ``run_dir`` (and its parents) if missing; True if this call created it. RunDirError if unwritable."""
+    created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write_test"
@@ -46,6 +106,19 @@ def prepare_new_run_dir(run_dir: Path) -> None:
         probe.unlink()
     except OSError as err:
         raise RunDirError(f"cannot write run directory {run_dir} ({err.strerror}); choose a writable run_dir") from None
+    return created
+
+
+def remove_failed_start(run_dir: Path, created: bool) -> None:
+    """After a start that failed before the run's config was written: remove what it left (the directory itself if
+    this start created it), so a failed start leaves no empty run directory behind. In a directory that existed the
+    ``.lock`` file stays: removing a lock file another process may have opened would let two processes hold it."""
+    if holds_run(run_dir):
+        return
+    if created:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    else:
+        (run_dir / PARTITION_FILE).unlink(missing_ok=True)
 
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:

@@ -101,7 +101,14 @@ def test_existing_run_dir_refused_and_corrupt_or_mismatched_checkpoint(tmp_path,
     cfg = tiny_config(tmp_path / "run", "--federation.rounds", "4", "--name", "x")
     run(cfg, stop_after=2)
     argv = ["--config", str(REPO / "configs" / "smoke.yaml"), "--run_dir", str(tmp_path / "run")]
-    assert main(argv) == 2 and "already holds a run" in capsys.readouterr().err
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "already holds a different experiment" in err and "federation.rounds: 4 -> 6" in err
+    assert "--resume" not in err.replace("do not --resume", "")  # never suggest continuing another experiment
+    same = argv + ["--federation.rounds", "4", "--name", "x", "--personalization.epochs", "1"]
+    assert main(same) == 2
+    err = capsys.readouterr().err
+    assert "already holds this run" in err and f"--resume {tmp_path / 'run'}" in err
     # a checkpoint of another model: the run's config now says mobilenet
     cfg_path = tmp_path / "run" / "config.yaml"
     data = yaml.safe_load(cfg_path.read_text())

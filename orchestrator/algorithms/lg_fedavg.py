@@ -16,6 +16,7 @@ from .options import AlgorithmOptions
 
 @dataclass
 class LGFedAvgOptions(AlgorithmOptions):
+    path_fields = ("init_from",)
     #: a finished FedAvg run directory to start from (the paper's protocol); null = this run's own initialisation
     init_from: Optional[str] = None
     #: the reference's model selection: each client's best round on its test split (round -1, the start, included),

@@ -1,0 +1,58 @@
+"""What makes two configs the same experiment, and which edits a resume accepts (a leaf module).
+
+A run's identity is its whole resolved config (``Config.to_dict()``) except the keys below. The checkpoint stores
+that config; ``--resume`` compares it with the run directory's (possibly edited) ``config.yaml`` and refuses any
+other difference, naming each key with both values.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+#: Keys that do not change what a run computes: where it lives, where it runs, how it is watched.
+NOT_IDENTITY = ("name", "run_dir", "device", "backend", "flower.", "tracking.", "checkpoint.", "data.root",
+                "data.download", "federation.eval_batch_size")
+
+#: Edits ``--resume`` accepts besides NOT_IDENTITY: more rounds (the learning-rate milestones are fractions of the
+#: new R, so the rounds still to run follow the new schedule; the result is not a fresh run with that R).
+RESUME_MAY_CHANGE = ("federation.rounds",)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; a dict-valued key (e.g. model.options) is flattened too."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _ignored(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in prefixes)
+
+
+def differences(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = NOT_IDENTITY) -> list[str]:
+    """``key: old -> new`` for every identity key whose value differs (sorted by key)."""
+    a, b = flatten(old), flatten(new)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if _ignored(key, ignore):
+            continue
+        if a.get(key, "<unset>") != b.get(key, "<unset>"):
+            out.append(f"{key}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}")
+    return out
+
+
+def resume_differences(saved: dict[str, Any], current: dict[str, Any], rounds_done: int) -> list[str]:
+    """The edits of ``current`` (config.yaml now) against ``saved`` (the checkpoint's) that a resume must refuse."""
+    out = differences(saved, current, NOT_IDENTITY + RESUME_MAY_CHANGE)
+    rounds = flatten(current).get("federation.rounds")
+    if isinstance(rounds, int) and rounds < rounds_done:
+        out.append(f"federation.rounds: {rounds} is below the {rounds_done} rounds the checkpoint has completed")
+    return out
+
+
+def summary(diffs: list[str], limit: int = 4) -> str:
+    text = "; ".join(diffs[:limit])
+    return text + (f"; and {len(diffs) - limit} more" if len(diffs) > limit else "")
