@@ -29,85 +29,97 @@ from fl_sd.models import list_models
 
 from .algorithms import AlgorithmOptions, get_algorithm, list_algorithms
 from .errors import ConfigError, OptionError
+from .fielddocs import describe
 from .rundir import read_run_config
 
 
+@describe
 @dataclass
 class SyntheticOptions:
     """The synthetic source's options (fl_sd.data.make_synthetic); used with ``data.dataset: synthetic`` only."""
 
-    num_classes: int = 10
-    train_per_class: int = 500
-    test_per_class: int = 100
-    image_size: int = 32
-    channels: int = 3
-    seed: int = 0
-    contrast: float = 64.0
-    clutter: float = 1.0
-    noise: int = 48
-    max_shift: int = 2
+    num_classes: int = 10  #: classes C
+    train_per_class: int = 500  #: training images per class
+    test_per_class: int = 100  #: test images per class
+    image_size: int = 32  #: height = width in pixels
+    channels: int = 3  #: colour channels
+    seed: int = 0  #: seed of the images (independent of the run's seed)
+    contrast: float = 64.0  #: amplitude of each class's pattern (higher: easier)
+    clutter: float = 1.0  #: amplitude of the random background clutter, relative to the pattern
+    noise: int = 48  #: amplitude of per-pixel uniform noise
+    max_shift: int = 2  #: largest random translation of the pattern, in pixels
 
 
+@describe
 @dataclass
 class DataConfig:
     """Where the images come from and how they are split among clients."""
 
-    dataset: Literal["cifar10", "cifar100", "fmnist", "mnist", "npz", "synthetic"] = "cifar100"
+    dataset: Literal["cifar10", "cifar100", "fmnist", "mnist", "npz", "synthetic"] = "cifar100"  #: the image source
     root: str = "data"  #: directory of torchvision datasets (downloaded there when reachable)
-    download: bool = True
+    download: bool = True  #: download a torchvision dataset into data.root when it is missing
     path: Optional[str] = None  #: the .npz file for ``dataset: npz``
     partition: Literal["shards", "dirichlet", "iid"] = "shards"
-    num_clients: int = 100
+    num_clients: int = 100  #: N clients
     shards_per_client: int = 100  #: s, for ``partition: shards``
     alpha: float = 0.5  #: Dirichlet concentration, for ``partition: dirichlet``
     augment: bool = True  #: the paper's RandomCrop(32, pad 4) + horizontal flip on training batches
-    synthetic: SyntheticOptions = field(default_factory=SyntheticOptions)
+    synthetic: SyntheticOptions = field(default_factory=SyntheticOptions)  #: the synthetic source's options
 
 
+@describe
 @dataclass
 class ModelConfig:
+    """The network: a registered multi-head model and its constructor options."""
+
     name: str = "mobilenet"  #: a registered model: mobilenet, cnn4, resnet18
     num_classes: Optional[int] = None  #: default: the dataset's class count (a different value is an error)
-    options: dict = field(default_factory=dict)  #: model constructor options, e.g. track_running_stats
+    #: model constructor options, e.g. {width: 16}; one key: --model.options.width 16 (values read as YAML)
+    options: dict = field(default_factory=dict)
 
 
+@describe
 @dataclass
 class LossOptions:
     """Overrides of the loss preset's fields (fl_sd.losses.LossConfig); null keeps the preset's / model's value."""
 
-    aux_weight: Optional[float] = None
-    kd_weight: Optional[float] = None
-    temperature: Optional[float] = None
-    use_scaler: Optional[bool] = None
-    direction: Optional[Literal["mutual", "self"]] = None
-    gating: Optional[Literal["correct", "batch", "none"]] = None
-    reduction: Optional[Literal["mean", "batchmean"]] = None
-    detach_teacher: Optional[bool] = None
+    aux_weight: Optional[float] = None  #: weight of the auxiliary heads' cross-entropy
+    kd_weight: Optional[float] = None  #: weight of the distillation term
+    temperature: Optional[float] = None  #: distillation temperature
+    use_scaler: Optional[bool] = None  #: learned temperature scaler of the auxiliary heads
+    direction: Optional[Literal["mutual", "self"]] = None  #: mutual (heads teach each other) or self distillation
+    gating: Optional[Literal["correct", "batch", "none"]] = None  #: which teachers count: correct ones, batch, all
+    reduction: Optional[Literal["mean", "batchmean"]] = None  #: reduction of the KL divergence
+    detach_teacher: Optional[bool] = None  #: no gradient through the teacher's logits
 
 
+@describe
 @dataclass
 class AlgorithmConfig:
     """The algorithm; ``algorithm.<name>.*`` (one section per algorithm with options) are added from the registry."""
 
     name: str = "mhmd"  #: a registered algorithm (listed at the end of --help; orchestrator/algorithms)
     loss: Optional[str] = None  #: loss preset; default: the algorithm's (mhmd -> mhmd, others -> ce)
-    loss_options: LossOptions = field(default_factory=LossOptions)
+    loss_options: LossOptions = field(default_factory=LossOptions)  #: overrides of the loss preset's fields
 
 
+@describe
 @dataclass
 class FederationConfig:
+    """The federated training: rounds, sampling, local SGD, learning-rate schedule, evaluation, model selection."""
+
     rounds: int = 320  #: R communication rounds
     client_fraction: float = 0.1  #: f; m = max(1, int(f * N)) clients per round
     local_epochs: int = 1  #: tau
-    batch_size: int = 50
-    lr: float = 0.1
+    batch_size: int = 50  #: local batch size B
+    lr: float = 0.1  #: local SGD learning rate (of the body; of everything when head_lr is null)
     head_lr: Optional[float] = None  #: default: lr (only used where the algorithm trains heads)
-    momentum: float = 0.9
-    weight_decay: float = 0.0
+    momentum: float = 0.9  #: local SGD momentum
+    weight_decay: float = 0.0  #: local SGD weight decay
     lr_gamma: float = 0.1  #: lr multiplied by this after each milestone
     lr_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  #: fractions of R
     eval_every: int = 8  #: evaluate every k rounds (and after the last round)
-    eval_batch_size: int = 500
+    eval_batch_size: int = 500  #: batch size of evaluations (no effect on the numbers)
     select: Literal["best", "final"] = "best"  #: model handed to personalisation (best = best-on-test, the paper's)
     #: divergence without NaN: a client's mean local loss above this stops the run (null: never); chance is ln(C)
     diverge_loss: Optional[float] = 1000.0
@@ -115,32 +127,42 @@ class FederationConfig:
     diverge_weight: Optional[float] = 1.0e6
 
 
+@describe
 @dataclass
 class PersonalizationConfig:
-    enabled: bool = True
+    """Personalisation after training: every client fine-tunes the selected model on its own data."""
+
+    enabled: bool = True  #: fine-tune every client after the last round
     epochs: int = 5  #: E; accuracy is recorded after every epoch 0..E
-    lr: float = 0.001
-    part: Literal["body", "head", "full"] = "full"
+    lr: float = 0.001  #: fine-tuning learning rate
+    part: Literal["body", "head", "full"] = "full"  #: the part of the model fine-tuned
     loss: Optional[str] = None  #: default: the algorithm's local loss
     batch_size: Optional[int] = None  #: default: federation.batch_size
     momentum: Optional[float] = None  #: default: federation.momentum (the paper fine-tunes at 0.9)
 
 
+@describe
 @dataclass
 class TrackingConfig:
+    """How a run is watched: Weights & Biases, the progress bar, plots (CSV/JSON files are always written)."""
+
     wandb: Optional[Literal["online", "offline", "disabled"]] = None  #: default: $WANDB_MODE, else disabled
-    project: str = "fl-sd"
-    entity: Optional[str] = None
-    tags: list[str] = field(default_factory=list)
+    project: str = "fl-sd"  #: W&B project
+    entity: Optional[str] = None  #: W&B entity (team or user); default: yours
+    tags: list[str] = field(default_factory=list)  #: W&B tags
     progress: Optional[bool] = None  #: progress bar; default: on in a terminal, off in CI
-    plots: bool = True
+    plots: bool = True  #: write accuracy / fine-tuning plots (*.png) at the end
 
 
+@describe
 @dataclass
 class CheckpointConfig:
+    """When the whole federation is checkpointed (what --resume continues from)."""
+
     every: int = 8  #: checkpoint every k rounds (and at the end); 0 = only at the end
 
 
+@describe
 @dataclass
 class FlowerConfig:
     """The Flower backends: Ray resources of each simulated client, cluster, timeouts (``backend: flower``); the
@@ -158,6 +180,7 @@ class FlowerConfig:
     verbose: bool = False  #: Flower's DEBUG logging
 
 
+@describe
 @dataclass
 class BatchedConfig:
     """The batched engine (``backend: batched``): a round's clients trained as one computation; also the
@@ -166,9 +189,12 @@ class BatchedConfig:
     max_clients: int = 0  #: clients per batched computation (chunks sized to memory); 0 = a whole round / all clients
 
 
+@describe
 @dataclass
 class Config:
-    seed: int = 1
+    """The run: its seed, name, where it is written, the device and the execution backend."""
+
+    seed: int = 1  #: seed of the partition, client sampling, initialisation and batches
     name: Optional[str] = None  #: run name; default: derived from dataset, algorithm, s, f, tau, seed
     run_dir: Optional[str] = None  #: default: runs/<name>
     device: str = "auto"  #: auto (cuda when present), cpu, cuda, cuda:N
@@ -264,6 +290,10 @@ def config_class() -> type[Config]:
         for cls in (algorithm_cls, config_cls):
             cls.__module__ = __name__
             cls.__doc__ = cls.__mro__[1].__doc__
+        describe(algorithm_cls, {name: f"{name}'s options (used with algorithm.name: {name})" for name, _ in sections})
+        describe(config_cls)
+        for _, opts in sections:
+            describe(opts)
         _CLASSES[sections] = config_cls
     return _CLASSES[sections]
 
