@@ -183,8 +183,7 @@ class FlowerConfig:
 @describe
 @dataclass
 class BatchedConfig:
-    """The batched engine (``backend: batched``): a round's clients trained as one computation; also the
-    per-client evaluation and the personalisation of all clients."""
+    """The batched engine (``backend: batched``): many clients trained and evaluated as one computation."""
 
     max_clients: int = 0  #: clients per batched computation (chunks sized to memory); 0 = a whole round / all clients
 

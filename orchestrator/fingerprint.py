@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 #: Keys that do not change what a run computes: where it lives, where it runs, how it is watched.
-NOT_IDENTITY = ("name", "run_dir", "device", "backend", "flower.", "tracking.", "checkpoint.", "data.root",
+NOT_IDENTITY = ("name", "run_dir", "device", "flower.", "batched.", "tracking.", "checkpoint.", "data.root",
                 "data.download", "federation.eval_batch_size")
 
 #: Edits ``--resume`` accepts besides NOT_IDENTITY: more rounds (the learning-rate milestones are fractions of the
