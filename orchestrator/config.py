@@ -12,9 +12,12 @@ registry when a config is parsed, so an algorithm defined in one file brings its
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import re
+import sys
 import tempfile
+import typing
 import warnings
 from argparse import RawDescriptionHelpFormatter
 from dataclasses import asdict, dataclass, field
@@ -26,6 +29,7 @@ from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Defaul
 
 from fl_sd.losses import PRESETS, loss_config
 from fl_sd.models import list_models
+from fl_sd.models.registry import model_entry
 
 from .algorithms import AlgorithmOptions, get_algorithm, list_algorithms
 from .errors import ConfigError, OptionError
@@ -59,7 +63,7 @@ class DataConfig:
     root: str = "data"  #: directory of torchvision datasets (downloaded there when reachable)
     download: bool = True  #: download a torchvision dataset into data.root when it is missing
     path: Optional[str] = None  #: the .npz file for ``dataset: npz``
-    partition: Literal["shards", "dirichlet", "iid"] = "shards"
+    partition: Literal["shards", "dirichlet", "iid"] = "shards"  #: how the training data is split among clients
     num_clients: int = 100  #: N clients
     shards_per_client: int = 100  #: s, for ``partition: shards``
     alpha: float = 0.5  #: Dirichlet concentration, for ``partition: dirichlet``
@@ -320,6 +324,9 @@ def _parser(config_cls: type[Config]) -> ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> tuple[Config, Optional[str]]:
     """Parse ``--config FILE`` plus dotted overrides into a validated :class:`Config` (and the --resume dir)."""
     config_cls = config_class()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for path in _option_values(argv, "--config"):
+        check_config_file(path, config_cls)
     parser = _parser(config_cls)
     try:
         with warnings.catch_warnings():
@@ -335,8 +342,97 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Optional[str]]:
             message = f"{files[-1]} is not a valid YAML config ({message}); fix the file's syntax"
         raise ConfigError(message) from None
     cfg = config_cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(config_cls)})
+    _type_dict_overrides(cfg, argv)
     validate(cfg)
     return cfg, resume
+
+
+def _option_values(argv: list[str], option: str) -> list[str]:
+    values = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == option]
+    return values + [a.split("=", 1)[1] for a in argv if a.startswith(option + "=")]
+
+
+def _dict_keys(cls: type, prefix: str = "") -> list[str]:
+    """Dotted names of the dict-valued keys (model.options, flower.ray_init_args) of a config class."""
+    out = []
+    for name, hint in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            out += _dict_keys(hint, f"{prefix}{name}.")
+        elif hint is dict or typing.get_origin(hint) is dict:
+            out.append(prefix + name)
+    return out
+
+
+def _type_dict_overrides(cfg: Config, argv: list[str]) -> None:
+    """``--model.options.width 8`` sets one key of a dict-valued key; its value is read as YAML (8 is an int)."""
+    for key in _dict_keys(type(cfg)):
+        flag = f"--{key}."
+        pairs = [(a, argv[i + 1]) for i, a in enumerate(argv[:-1]) if a.startswith(flag) and "=" not in a]
+        pairs += [tuple(a.split("=", 1)) for a in argv if a.startswith(flag) and "=" in a]
+        for option, text in pairs:
+            sub = option[len(flag):]
+            target = cfg
+            for part in key.split("."):
+                target = getattr(target, part)
+            try:
+                target[sub] = yaml.safe_load(text) if isinstance(text, str) else text
+            except yaml.YAMLError:
+                raise ConfigError(f"config key {key}.{sub}: {text!r} is not a YAML value") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that rejects a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"{self.name}: key {key!r} is given twice in one mapping (lines {seen[key]} and "
+                                  f"{line}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def check_config_file(path: str, config_cls: type | None = None) -> None:
+    """One clear line for a config file that is not a UTF-8 YAML mapping of sections, repeats a key, or gives a
+    section (``federation:``) a scalar. A missing file or a YAML syntax error is left to the parser's message."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError:
+        return
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not a text YAML file (byte {raw[err.start]:#04x} at offset {err.start} is not "
+                          "UTF-8); pass a YAML config such as configs/smoke.yaml") from None
+    loader = _UniqueKeyLoader(text)
+    loader.name = path
+    try:
+        data = loader.get_single_data()
+    except yaml.YAMLError:
+        return
+    finally:
+        loader.dispose()
+    example = "a mapping of config sections, e.g. 'federation: {rounds: 10}'"
+    if data is None:
+        raise ConfigError(f"{path} is empty; a config file holds {example}")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} holds a {type(data).__name__}, not {example}")
+    _check_sections(data, config_cls or config_class(), "", path)
+
+
+def _check_sections(data: dict, cls: type, prefix: str, path: str) -> None:
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        hint = hints.get(key)
+        if hint is None or not dataclasses.is_dataclass(hint) or value is None:
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: config key {prefix}{key} is a section, got {value!r}; write its keys under it "
+                              f"(e.g. '{prefix}{key}: {{KEY: VALUE}}'; fl-sd --help lists them)")
+        _check_sections(value, hint, f"{prefix}{key}.", path)
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
@@ -376,6 +472,11 @@ def _one_line(message: str) -> str:
     lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
     text = " ".join(lines)
     text = text.replace("Parser key ", "config key ").replace("Group ", "config section ")
+    section = re.search(r'config key "([\w.]+)": Unable to load config', text)
+    if section:
+        key = section.group(1)
+        return (f"config key {key} is a section, not a value; set one of its keys (--{key}.KEY VALUE) or give a "
+                f"mapping (--{key} '{{KEY: VALUE}}'); fl-sd --help lists them")
     text = re.sub(r"config section '([\w.]+)' does not accept option '([\w.]+)'",
                   r"config key \1.\2: unknown key", text)
     if "unrecognized arguments" in text or "unknown key" in text:
@@ -404,6 +505,12 @@ def validate(cfg: Config) -> None:
     _check(m.name in list_models(), "model.name", f"unknown model {m.name!r}; choose one of {list_models()}")
     _check(m.num_classes is None or m.num_classes >= 2, "model.num_classes", f"must be >= 2, got {m.num_classes}")
     _check("num_classes" not in m.options, "model.options.num_classes", "set model.num_classes instead")
+    if m.name in list_models():
+        params = inspect.signature(model_entry(m.name).builder).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            accepted = sorted(k for k in params if k != "num_classes")
+            for key in m.options:
+                _check(key in accepted, f"model.options.{key}", f"{m.name} has no option {key!r}; it takes {accepted}")
     _check(a.name in list_algorithms(), "algorithm.name",
            f"unknown algorithm {a.name!r}; choose one of {list_algorithms()}")
     for key, preset in (("algorithm.loss", a.loss), ("personalization.loss", p.loss)):

@@ -73,3 +73,74 @@ def test_every_shipped_config_parses():
     for path in sorted((REPO / "configs").rglob("*.yaml")):
         cfg = parse_args(["--config", str(path)])[0]
         assert cfg.algorithm.name, path
+
+
+# -- hardening (issue 15): every key overridable and typed, and bad files named in one line ----------------------------
+def test_dotted_overrides_into_dict_keys_are_typed(tmp_path):
+    from orchestrator.config import load_config
+
+    cfg = load_config(REPO / "configs" / "smoke.yaml", ["--model.options.width", "8", "--flower.ray_init_args.num_cpus",
+                                                        "2", "--data.synthetic.num_classes=5",
+                                                        "--algorithm.loss_options.kd_weight", "2"])
+    assert cfg.model.options == {"width": 8} and cfg.flower.ray_init_args == {"num_cpus": 2}
+    assert cfg.data.synthetic.num_classes == 5 and cfg.algorithm.loss_options.kd_weight == 2.0
+
+
+def test_bad_config_files_and_sections_get_one_line(tmp_path, capsys):
+    from orchestrator.main import main
+
+    smoke = str(REPO / "configs" / "smoke.yaml")
+    binary = tmp_path / "b.yaml"
+    binary.write_bytes(bytes(range(128, 256)))
+    cases = {
+        "seed: 1\ndata:\n  alpha: 1\n  alpha: 2\n": "key 'alpha' is given twice in one mapping (lines 3 and 4)",
+        "federation: 5\n": "config key federation is a section, got 5",
+        "data:\n  synthetic: 3\n": "config key data.synthetic is a section",
+        "data:\n  synthetic: {foo: 1}\n": "data.synthetic.foo: unknown key",
+        "": "is empty",
+        "- 1\n- 2\n": "holds a list",
+        "5\n": "holds a int",
+    }
+    for i, (text, needle) in enumerate(cases.items()):
+        path = tmp_path / f"c{i}.yaml"
+        path.write_text(text)
+        assert main(["--config", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, (text, err)
+    for argv, needle in [(["--config", str(binary)], "is not a text YAML file"),
+                         (["--config", smoke, "--federation", "5"], "config key federation is a section, not a value"),
+                         (["--config", smoke, "--model.options.widht", "8"], "cnn4 has no option 'widht'"),
+                         (["--config", smoke, "--data.num_client", "5"], "unrecognized arguments: --data.num_client")]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, (argv, err)
+        assert "text" not in needle or str(binary) in err
+
+
+def test_help_describes_every_key():
+    import dataclasses
+
+    from orchestrator.config import config_class
+    from orchestrator.fielddocs import undescribed
+
+    def walk(cls):
+        missing = [f"{cls.__name__}.{name}" for name in undescribed(cls)]
+        for fld in dataclasses.fields(cls):
+            hint = __import__("typing").get_type_hints(cls)[fld.name]
+            if dataclasses.is_dataclass(hint):
+                missing += walk(hint)
+        return missing
+
+    cls = config_class()
+    sections = {f.name for f in dataclasses.fields(cls) if dataclasses.is_dataclass(f.default_factory)}
+    missing = [m for m in walk(cls) if m.split(".")[-1] not in sections and not m.startswith("AlgorithmConfig.")]
+    assert not missing, f"keys without a '#:' description: {missing}"
+    text = _help_text()
+    assert "Config(seed:" not in text and "seed of the partition" in text and "lambda of the proximal term" in text
+
+
+def _help_text() -> str:
+    out = io.StringIO()
+    with redirect_stdout(out), pytest.raises(SystemExit):
+        parse_args(["--help"])
+    return out.getvalue()

@@ -105,7 +105,7 @@ def test_existing_run_dir_refused_and_corrupt_or_mismatched_checkpoint(tmp_path,
     err = capsys.readouterr().err
     assert "already holds a different experiment" in err and "federation.rounds: 4 -> 6" in err
     assert "--resume" not in err.replace("do not --resume", "")  # never suggest continuing another experiment
-    same = argv + ["--federation.rounds", "4", "--name", "x", "--personalization.epochs", "1"]
+    same = argv + ["--federation.rounds", "4", "--name", "x"]
     assert main(same) == 2
     err = capsys.readouterr().err
     assert "already holds this run" in err and f"--resume {tmp_path / 'run'}" in err
