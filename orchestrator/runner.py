@@ -90,7 +90,7 @@ def run(cfg: Config | None, resume: str | os.PathLike | None = None, stop_after:
             raise
     try:
         with StopSignals() as stop:
-            return _drive(cfg, fed, meta, run_dir, stop, stop_after)
+            return _drive(cfg, fed, meta, run_dir, stop, stop_after, backend_factory)
     except KeyboardInterrupt:
         raise RunInterrupted("Ctrl-C", run_dir, fed.server.round, False) from None
     except RunInterrupted as err:
@@ -138,7 +138,7 @@ def _reopen(run_dir: Path) -> tuple[Config, Federation, dict[str, Any]]:
 
 
 def _drive(cfg: Config, fed: Federation, meta: dict[str, Any], run_dir: Path, stop: StopSignals,
-           stop_after: int | None) -> dict[str, Any]:
+           stop_after: int | None, backend_factory: Callable | None = None) -> dict[str, Any]:
     f = cfg.federation
     server = fed.server
     if server.round < f.rounds and server.personalization is not None:
