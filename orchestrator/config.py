@@ -154,6 +154,8 @@ class TrackingConfig:
     project: str = "fl-sd"  #: W&B project
     entity: Optional[str] = None  #: W&B entity (team or user); default: yours
     tags: list[str] = field(default_factory=list)  #: W&B tags
+    group: Optional[str] = None  #: W&B run group (a sweep sets it to the cell, so W&B compares a cell's runs)
+    job_type: Optional[str] = None  #: W&B job type (a sweep sets it to the algorithm's label)
     progress: Optional[bool] = None  #: progress bar; default: on in a terminal, off in CI
     plots: bool = True  #: write accuracy / fine-tuning plots (*.png) at the end
 

@@ -38,3 +38,7 @@ class RunInterrupted(Exception):
         saved = (f"checkpoint of round {round_idx} saved" if checkpointed
                  else "the last checkpoint is intact")
         super().__init__(f"stopped by {signal_name} ({saved}); continue with --resume {run_dir}")
+
+
+class SweepError(ValueError):
+    """A bad sweep file, or a sweep that cannot start (its output directory is in use or holds other runs)."""

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from matplotlib.figure import Figure  # the object API: no pyplot state, no backend switch in the caller's process
+from matplotlib.ticker import MaxNLocator
 
 from .rundir import EVALUATIONS_FILE, RESULTS_FILE
 
@@ -30,8 +31,10 @@ def plot_run(run_dir: str | Path) -> list[Path]:
             mean = [float(r[f"acc_{h}"]) for r in evals]
             std = [float(r[f"acc_{h}_std"]) for r in evals]
             ax.plot(rounds, mean, label=h)
-            ax.fill_between(rounds, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.15)
+            low, high = accuracy_band(mean, std)
+            ax.fill_between(rounds, low, high, alpha=0.15)
         ax.set(xlabel="round", ylabel="test accuracy (%)", title="global model: accuracy of each head")
+        integer_ticks(ax)
         ax.legend()
         written.append(_save(fig, run_dir / "accuracy_vs_round.png"))
     results_path = run_dir / RESULTS_FILE
@@ -39,8 +42,12 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     if pers:
         fig, ax = _figure()
         epochs = list(range(len(pers["acc_mean"])))
-        ax.errorbar(epochs, pers["acc_mean"], yerr=pers["acc_std"], marker="o", capsize=3)
+        low, high = accuracy_band(pers["acc_mean"], pers["acc_std"])
+        ax.errorbar(epochs, pers["acc_mean"], yerr=[[m - lo for m, lo in zip(pers["acc_mean"], low)],
+                                                    [hi - m for m, hi in zip(pers["acc_mean"], high)]],
+                    marker="o", capsize=3)
         ax.set(xlabel="fine-tuning epoch", ylabel="personalised accuracy (%)", title="fine-tuning speed")
+        integer_ticks(ax)
         written.append(_save(fig, run_dir / "finetune_curve.png"))
         fig, ax = _figure()
         final = [row[-1] for row in pers["per_client"]]
@@ -49,6 +56,18 @@ def plot_run(run_dir: str | Path) -> list[Path]:
                title="per-client personalised accuracy")
         written.append(_save(fig, run_dir / "personalized_distribution.png"))
     return written
+
+
+def accuracy_band(mean, spread) -> tuple[list[float], list[float]]:
+    """``mean ± spread`` clipped to the accuracy range [0, 100]."""
+    low = [min(100.0, max(0.0, m - s)) for m, s in zip(mean, spread)]
+    high = [min(100.0, max(0.0, m + s)) for m, s in zip(mean, spread)]
+    return low, high
+
+
+def integer_ticks(ax) -> None:
+    """Rounds and epochs are counts: integer ticks on the x axis."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _figure():

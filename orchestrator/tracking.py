@@ -93,7 +93,7 @@ class Tracker:
             self.wandb = wandb.init(
                 project=t.project, entity=t.entity, name=self.cfg.name, id=run_id, resume="allow", mode=mode,
                 dir=str(self.run_dir), config=self.cfg.to_dict(), tags=list(t.tags) or None,
-                settings=wandb.Settings(init_timeout=60, silent=True))
+                group=t.group, job_type=t.job_type, settings=wandb.Settings(init_timeout=60, silent=True))
             logged = self.run_dir / WANDB_LOGGED_FILE
             self._wandb_logged = int(logged.read_text().strip() or 0) if logged.exists() else 0
         except Exception as err:  # noqa: BLE001  (tracking must never kill a run)

@@ -29,3 +29,22 @@ def test_tracking_failure_is_a_warning_not_fatal(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="W&B tracking disabled"):
         res = run(cfg)
     assert res["rounds"] == 2 and (tmp_path / "run" / "results.json").exists()
+
+
+def test_wandb_group_and_job_type_reach_wandb(tmp_path, monkeypatch):
+    """A sweep groups its runs by cell (group) and algorithm (job_type) so that the W&B UI compares them."""
+    import wandb
+
+    seen = {}
+    real_init = wandb.init
+
+    def recording_init(*args, **kwargs):
+        seen.update(kwargs)
+        return real_init(*args, **kwargs)
+
+    monkeypatch.setattr(wandb, "init", recording_init)
+    cfg = tiny_config(tmp_path / "run", "--federation.rounds", "1", "--personalization.enabled", "false",
+                      "--tracking.wandb", "offline", "--tracking.group", "sweep/c10_s2",
+                      "--tracking.job_type", "mhmd_aux")
+    run(cfg)
+    assert seen["group"] == "sweep/c10_s2" and seen["job_type"] == "mhmd_aux"
