@@ -44,6 +44,7 @@ import yaml
 
 from .config import parse_args
 from .errors import ConfigError, SweepError
+from .fingerprint import differences, summary
 from .rundir import CONFIG_FILE, PARTITION_FILE, RESULTS_FILE, ROUNDS_FILE
 
 MAIN = Path(__file__).with_name("main.py")
@@ -52,7 +53,6 @@ SWEEP_RUN_FILE = "sweep_run.json"
 LOG_FILE = "sweep.log"
 LOCK_FILE = ".sweep.lock"
 #: config keys that do not change a run's numbers (left out when a run directory is checked against the grid)
-NOT_COMPARED = ("name", "run_dir", "tracking")
 SPEC_KEYS = {"out", "seeds", "workers", "threads", "baseline", "args", "algorithms", "cells"}
 
 
@@ -167,25 +167,21 @@ def plan(spec: Spec) -> list[Job]:
     return jobs
 
 
-def _compared(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in NOT_COMPARED}
-
-
 def check_jobs(jobs: list[Job]) -> dict[Job, str]:
     """Validate every job's config and classify it: ``done``, ``resume`` or ``new``. A run directory that holds a
     run of another config is an error (the sweep file changed: remove the directory or choose another ``out``)."""
     states = {}
     for job in jobs:
         try:
-            wanted = _compared(parse_args(list(job.args))[0].to_dict())
+            wanted = parse_args(list(job.args))[0].absolute().to_dict()
         except ConfigError as err:
             raise SweepError(f"cell {job.cell}, algorithm {job.label}, seed {job.seed}: {err}") from None
         saved_path = job.run_dir / CONFIG_FILE
         if saved_path.exists():
-            saved = _compared(yaml.safe_load(saved_path.read_text()) or {})
-            if saved != wanted:
-                keys = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
-                raise SweepError(f"{job.run_dir} holds a run of another config (section(s) {keys} differ); remove "
+            # the run's identity, as --resume judges it (paths are stored absolute; location keys do not count)
+            diffs = differences(yaml.safe_load(saved_path.read_text()) or {}, wanted)
+            if diffs:
+                raise SweepError(f"{job.run_dir} holds a run of another config ({summary(diffs)}); remove "
                                  "it or set another 'out'")
         if (job.run_dir / RESULTS_FILE).exists():
             states[job] = "done"
