@@ -150,6 +150,8 @@ def test_flower_matches_in_process(tmp_path, monkeypatch, one_thread, algorithm)
     the same final global and per-client states. Personalisation is off: it runs on the driver with either backend,
     from the states compared here."""
     overrides = ["--algorithm.name", algorithm, "--federation.rounds", "3", "--personalization.enabled", "false"]
+    if algorithm == "fedper":  # personal heads: per-client state has to travel back from the ClientApps
+        overrides += ["--algorithm.fedper.personal_heads", "true"]
     local, local_sampled = _run_recording(monkeypatch, tiny_config(tmp_path / "inprocess", *overrides))
     flower, flower_sampled = _run_recording(monkeypatch, tiny_config(
         tmp_path / "flower", *overrides, "--backend", "flower", "--flower.num_cpus", "1"))
