@@ -76,7 +76,7 @@ class DataConfig:
 class ModelConfig:
     """The network: a registered multi-head model and its constructor options."""
 
-    name: str = "mobilenet"  #: a registered model: mobilenet, cnn4, resnet18
+    name: str = "mobilenet"  #: a registered model: mobilenet, cnn4, resnet18, resnet50
     num_classes: Optional[int] = None  #: default: the dataset's class count (a different value is an error)
     #: model constructor options, e.g. {width: 16}; one key: --model.options.width 16 (values read as YAML)
     options: dict = field(default_factory=dict)

@@ -35,7 +35,7 @@ def aux_feature_modules(model: MultiHeadNet) -> list[nn.Module]:
         return [model.conv0, model.conv1, model.conv2]
     if name == "MobileNetCifar":
         return [model.layers[i] for i in (3, 6, 9)]
-    if name == "ResNet18Cifar":
+    if name in ("ResNet18Cifar", "ResNet50Cifar"):
         return [model.layer1, model.layer2, model.layer3]
     raise AssertionError(f"no expectation written for model class {name}")
 
@@ -43,17 +43,18 @@ def aux_feature_modules(model: MultiHeadNet) -> list[nn.Module]:
 def last_body_module(model: MultiHeadNet) -> nn.Module:
     name = type(model).__name__
     return {"CNNCifar": lambda m: m.conv3, "MobileNetCifar": lambda m: m.layers[12],
-            "ResNet18Cifar": lambda m: m.layer4}[name](model)
+            "ResNet18Cifar": lambda m: m.layer4, "ResNet50Cifar": lambda m: m.layer4}[name](model)
 
 
 #: (channels, spatial side for a 32x32 input) of the feature each aux head reads.
 AUX_FEATURE_SHAPES = {"cnn4": [(64, 16), (64, 8), (64, 4)],
                       "mobilenet": [(256, 8), (512, 4), (512, 4)],
-                      "resnet18": [(64, 32), (128, 16), (256, 8)]}
+                      "resnet18": [(64, 32), (128, 16), (256, 8)],
+                      "resnet50": [(256, 32), (512, 16), (1024, 8)]}
 
 
-def test_registry_lists_the_three_models():
-    assert set(MODELS) >= {"cnn4", "mobilenet", "resnet18"}
+def test_registry_lists_the_models():
+    assert set(MODELS) >= {"cnn4", "mobilenet", "resnet18", "resnet50"}
     assert MODELS == sorted(MODELS)
     for name in MODELS:
         assert name in AUX_FEATURE_SHAPES, f"add expectations for new model {name!r}"
@@ -336,6 +337,35 @@ def test_resnet18_parameter_counts_and_layout(num_classes):
         assert head.fc.bias is None and head.fc.weight.shape == (num_classes + 1, channels)
 
 
+@pytest.mark.parametrize("num_classes", (10, 100))
+def test_resnet50_parameter_counts_and_layout(num_classes):
+    model = make("resnet50", num_classes)
+    # the classic CIFAR ResNet-50 (Bottleneck [3, 4, 6, 3], 3x3 stem) has 23,520,842 parameters with Linear(2048, 10)
+    assert n_params(model.body_parameters()) == 23_520_842 - 20_490
+    assert [len(stage) for stage in (model.layer1, model.layer2, model.layer3, model.layer4)] == [3, 4, 6, 3]
+    assert model.classifier.weight.shape == (num_classes, 2048) and model.classifier.bias is not None
+    for head, channels in zip(model.aux_heads, (256, 512, 1024)):
+        assert head.fc.bias is None and head.fc.weight.shape == (num_classes + 1, channels)
+    assert n_params(model.head_parameters()) == 1792 * (num_classes + 1) + 2049 * num_classes
+
+
+def test_resnet50_stages_match_torchvision_bottleneck_layout():
+    """Stage by stage the same convolutions and BatchNorms as torchvision's resnet50 (only the stem differs: 3x3
+    without max-pool for 32x32 inputs)."""
+    torchvision = pytest.importorskip("torchvision")
+    ours, theirs = make("resnet50", 10), torchvision.models.resnet50(weights=None)
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        a = [(type(m).__name__, tuple(p.shape)) for m in getattr(ours, name).modules()
+             if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) for p in m.parameters()]
+        b = [(type(m).__name__, tuple(p.shape)) for m in getattr(theirs, name).modules()
+             if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) for p in m.parameters()]
+        assert sorted(a) == sorted(b), name
+        strides = [m.stride for m in getattr(ours, name).modules() if isinstance(m, nn.Conv2d)]
+        assert sorted(strides) == sorted(m.stride for m in getattr(theirs, name).modules()
+                                         if isinstance(m, nn.Conv2d)), name
+    assert n_params(ours.conv1) == 3 * 64 * 9 and n_params(theirs.conv1) == 3 * 64 * 49
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_default_initialisation_is_pytorch_default(name):
     model = make(name, 10)
@@ -443,7 +473,7 @@ def test_cnn4_fashion_mnist_shape():
         model(images(B, channels=3, size=28))
 
 
-@pytest.mark.parametrize("name", ("mobilenet", "resnet18"))
+@pytest.mark.parametrize("name", ("mobilenet", "resnet18", "resnet50"))
 def test_single_channel_input(name):
     model = make(name, 10, in_channels=1).train()
     assert model.conv1.in_channels == 1
@@ -492,8 +522,10 @@ def test_bad_num_classes(name, bad):
 
 
 def test_registered_default_loss_settings():
-    """SPEC 'Decisions': aux/KD weights per model; ResNet-18 ran without the scaler."""
-    expected = {"mobilenet": (10.0, 1.0, True), "cnn4": (0.01, 1.0, True), "resnet18": (0.01, 0.1, False)}
+    """SPEC 'Decisions': aux/KD weights per model; ResNet-18 ran without the scaler; ResNet-50 with aux 1, KD 1 and the
+    scaler on (mode 10051; 10050 = the same with use_scaler false)."""
+    expected = {"mobilenet": (10.0, 1.0, True), "cnn4": (0.01, 1.0, True), "resnet18": (0.01, 0.1, False),
+                "resnet50": (1.0, 1.0, True)}
     for name, (aux_w, kd_w, scaler) in expected.items():
         cfg = loss_config("mhmd", **model_entry(name).default_loss)  # the defaults are valid loss options
         assert (cfg.aux_weight, cfg.kd_weight, cfg.use_scaler) == (aux_w, kd_w, scaler)

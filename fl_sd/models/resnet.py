@@ -1,9 +1,9 @@
-"""CIFAR ResNet-18 with auxiliary heads after its first three stages.
+"""CIFAR ResNet-18 and ResNet-50 with auxiliary heads after their first three stages.
 
-The historic reference (SPEC 2.3) attached every auxiliary head to the first block (a bug) and used a separate
-scaler layer; fl-sd uses the shared auxiliary-head contract (GAP + bias-free Linear(C -> K+1)) after layer1, layer2
-and layer3. The reference trained ResNet-18 with aux weight 0.01, KD weight 0.1 and the scaler off: those are its
-default loss settings.
+fl-sd attaches one auxiliary head (the shared contract: GAP + bias-free Linear(C -> K+1)) after layer1, layer2 and
+layer3. The historic reference (SPEC 2.3, ``99789f2:models/ResNet.py``) attached ResNet-18's heads elsewhere and used
+separate scalers. Default loss settings (SPEC "Decisions"): ResNet-18 aux weight 0.01, KD weight 0.1, scaler off;
+ResNet-50 aux 1, KD 1, scaler on (the reference's mode 10051; mode 10050 is the same with ``use_scaler: false``).
 """
 from __future__ import annotations
 
@@ -33,25 +33,53 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-@register_model("resnet18", default_loss={"aux_weight": 0.01, "kd_weight": 0.1, "use_scaler": False},
-                description="CIFAR ResNet-18, aux heads after layer1/layer2/layer3")
-class ResNet18Cifar(MultiHeadNet):
-    def __init__(self, num_classes: int = 100, in_channels: int = 3, track_running_stats: bool = True,
-                 scale_aux: bool = True):
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (stride here, as torchvision's ResNet v1.5) -> 1x1 expanding x4, projection shortcut on change."""
+
+    expansion = 4
+
+    def __init__(self, in_planes: int, planes: int, stride: int, norm):
+        super().__init__()
+        out_planes = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
+        self.bn1 = norm(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = norm(planes)
+        self.conv3 = nn.Conv2d(planes, out_planes, 1, bias=False)
+        self.bn3 = norm(out_planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != out_planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride, bias=False), norm(out_planes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(MultiHeadNet):
+    """3x3 stem (no max-pool), four stages of ``block`` (64/128/256/512 planes, strides 1/2/2/2), GAP, final Linear
+    with bias; auxiliary heads after layer1, layer2, layer3."""
+
+    def __init__(self, block, num_blocks: tuple[int, int, int, int], num_classes: int, in_channels: int,
+                 track_running_stats: bool, scale_aux: bool):
         super().__init__(num_classes, scale_aux)
         norm = batch_norm(track_running_stats)
         self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
         self.bn1 = norm(64)
         stages, in_planes = [], 64
-        for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        for planes, stride, count in zip((64, 128, 256, 512), (1, 2, 2, 2), num_blocks):
             blocks = []
-            for s in (stride, 1):
-                blocks.append(BasicBlock(in_planes, planes, s, norm))
-                in_planes = planes
+            for s in [stride] + [1] * (count - 1):
+                blocks.append(block(in_planes, planes, s, norm))
+                in_planes = planes * block.expansion
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.classifier = nn.Linear(512, num_classes, bias=True)
-        self.aux_heads = nn.ModuleList(AuxHead(c, num_classes) for c in (64, 128, 256))
+        #: channels of layer1..layer4's outputs
+        self.stage_channels = tuple(p * block.expansion for p in (64, 128, 256, 512))
+        self.classifier = nn.Linear(self.stage_channels[3], num_classes, bias=True)
+        self.aux_heads = nn.ModuleList(AuxHead(c, num_classes) for c in self.stage_channels[:3])
 
     def forward_features(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         x = F.relu(self.bn1(self.conv1(x)))
@@ -60,3 +88,20 @@ class ResNet18Cifar(MultiHeadNet):
         o3 = self.layer3(o2)
         o4 = self.layer4(o3)
         return o4.mean(dim=(2, 3)), [o1, o2, o3]
+
+
+@register_model("resnet18", default_loss={"aux_weight": 0.01, "kd_weight": 0.1, "use_scaler": False},
+                description="CIFAR ResNet-18, aux heads after layer1/layer2/layer3")
+class ResNet18Cifar(CifarResNet):
+    def __init__(self, num_classes: int = 100, in_channels: int = 3, track_running_stats: bool = True,
+                 scale_aux: bool = True):
+        super().__init__(BasicBlock, (2, 2, 2, 2), num_classes, in_channels, track_running_stats, scale_aux)
+
+
+@register_model("resnet50", default_loss={"aux_weight": 1.0, "kd_weight": 1.0, "use_scaler": True},
+                description="CIFAR ResNet-50 (Bottleneck [3,4,6,3]), aux heads after layer1/layer2/layer3 "
+                            "(256/512/1024 channels)")
+class ResNet50Cifar(CifarResNet):
+    def __init__(self, num_classes: int = 100, in_channels: int = 3, track_running_stats: bool = True,
+                 scale_aux: bool = True):
+        super().__init__(Bottleneck, (3, 4, 6, 3), num_classes, in_channels, track_running_stats, scale_aux)
