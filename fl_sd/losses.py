@@ -32,7 +32,8 @@ class LossConfig:
     aux_weight: weight of the summed auxiliary cross-entropies (0 disables them).
     kd_weight: weight of the summed distillation terms (0 disables distillation).
     temperature: global KD temperature T (the KD terms are multiplied by T^2).
-    use_scaler: divide auxiliary logits by their learned per-sample temperature sigmoid(s) (off = ablation 1001).
+    use_scaler: divide auxiliary logits by their learned per-sample temperature sigmoid(s) (off = ablation 1001); for
+        a model with a final-head scaler (the historic ResNet-50) the final logits too (``final_scaled``).
     direction: ``mutual`` = self-distillation final->aux plus mutual aux->final; ``self`` = final->aux only.
     gating: ``correct`` = each KL term on the rows its teacher gets right (the reference);
             ``batch`` = on all rows, if the teacher gets any row right (ablation 1003); ``none`` = all rows (1002).
@@ -139,8 +140,9 @@ class MultiHeadLoss(nn.Module):
 
     def forward(self, output: MultiHeadOutput, target: Tensor) -> LossOutput:
         cfg = self.config
-        zero = output.final.new_zeros(())
-        ce_final = F.cross_entropy(output.final, target)
+        final = output.final_scaled[0] if cfg.use_scaler and output.final_scaled else output.final
+        zero = final.new_zeros(())
+        ce_final = F.cross_entropy(final, target)
         if cfg.final_weight != 1.0:
             ce_final = cfg.final_weight * ce_final
         aux_logits = output.aux if cfg.use_scaler else output.aux_raw
@@ -153,8 +155,8 @@ class MultiHeadLoss(nn.Module):
         kd_self = kd_mutual = zero
         if cfg.kd_weight > 0 and aux_logits:
             T = cfg.temperature
-            log_p = F.log_softmax(output.final / T, dim=1)
-            mask_f = self._gate(output.final, target)
+            log_p = F.log_softmax(final / T, dim=1)
+            mask_f = self._gate(final, target)
             sd, md = [], []
             for a in aux_logits:
                 log_q = F.log_softmax(a / T, dim=1)

@@ -28,7 +28,7 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, DefaultHelpFormatter
 
 from fl_sd.losses import PRESETS, loss_config
-from fl_sd.models import list_models
+from fl_sd.models import HEAD_LAYOUTS, list_models
 from fl_sd.models.registry import model_entry
 
 from .algorithms import AlgorithmOptions, get_algorithm, list_algorithms
@@ -78,7 +78,10 @@ class ModelConfig:
 
     name: str = "mobilenet"  #: a registered model: mobilenet, cnn4, resnet18, resnet50
     num_classes: Optional[int] = None  #: default: the dataset's class count (a different value is an error)
-    #: model constructor options, e.g. {width: 16}; one key: --model.options.width 16 (values read as YAML)
+    #: model constructor options, e.g. {width: 16}; one key: --model.options.width 16 (values read as YAML);
+    #: head_layout (cnn4, resnet18, resnet50): fixed (default) or historic (the reference code's head placement and
+    #: scalers: cnn4 all heads on conv0; resnet18 all on layer1 block 0, Linear(C,1) scalers with eps 0.1, 0.01,
+    #: 0.001; resnet50 Linear(C,1) scalers + 0.5 on the aux heads and the final head)
     options: dict = field(default_factory=dict)
 
 
@@ -513,6 +516,9 @@ def validate(cfg: Config) -> None:
             accepted = sorted(k for k in params if k != "num_classes")
             for key in m.options:
                 _check(key in accepted, f"model.options.{key}", f"{m.name} has no option {key!r}; it takes {accepted}")
+        if "head_layout" in m.options:
+            _check(m.options["head_layout"] in HEAD_LAYOUTS, "model.options.head_layout",
+                   f"must be one of {HEAD_LAYOUTS}, got {m.options['head_layout']!r}")
     _check(a.name in list_algorithms(), "algorithm.name",
            f"unknown algorithm {a.name!r}; choose one of {list_algorithms()}")
     for key, preset in (("algorithm.loss", a.loss), ("personalization.loss", p.loss)):

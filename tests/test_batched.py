@@ -190,3 +190,36 @@ def test_unbatchable_algorithm_refused_at_validation(tmp_path, algorithm):
     with pytest.raises(ConfigError, match=r"backend: .*cannot run on the batched engine.*use backend: inprocess"):
         load_config("configs/smoke.yaml", ["--algorithm.name", algorithm, "--backend", "batched",
                                            "--run_dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("model,options", [("cnn4", {"width": 8, "input_size": 16}), ("resnet50", {})])
+def test_batched_update_equals_sequential_with_historic_heads(model, options):
+    """The historic head layouts (ResNet-50: separate scalers on the aux heads and a scaled final head; ResNet-18 has
+    the same scaler heads) run on the batched engine and give the sequential engine's result (float64, one step of
+    batch 2: in float32 BatchNorm over so few values leaves ~1e-2 noise in ResNet-50's update); FedBABU's freezing
+    (part body) keeps every scaler fixed there too."""
+    torch.manual_seed(0)
+    module = MultiHeadClassifier(model=model, num_classes=5, model_options={**options, "head_layout": "historic"},
+                                 lr=0.05, momentum=0.9).double()
+    starts = [module.get_state("full") for _ in range(2)]  # the clients differ by their data
+    streams = client_streams([[2], [2]], torch.float64)
+    sequential = [module.local_update(s, state=st, train_part="body", lr=0.05, return_head=True)
+                  for s, st in zip(streams, starts)]
+    batched = batched_local_update(module, starts, streams, train_part="body", lr=0.05, return_head=True)
+    for seq, bat, st in zip(sequential, batched, starts):
+        assert max_state_err(seq.body_state, bat.body_state) < 1e-10
+        assert rel_err(seq.body_state["conv1.weight" if model == "resnet50" else "conv0.0.weight"],
+                       st["conv1.weight" if model == "resnet50" else "conv0.0.weight"]) > 0  # it did train
+        scalers = [k for k in bat.head_state if "scaler" in k]
+        assert len(scalers) == {"cnn4": 0, "resnet50": 8}[model]
+        assert all(torch.equal(bat.head_state[k], st[k]) for k in bat.head_state)
+        assert bat.metrics["loss"] == pytest.approx(seq.metrics["loss"], rel=1e-10)
+    # the stacked forward of batched evaluation returns the whole output, final_scaled included
+    net = module.net.eval()
+    models = StackedModels.stack([bat.body_state | bat.head_state for bat in batched], list(net.state_dict()))
+    x = torch.stack([streams[0][0][0], streams[1][0][0]])
+    out = stacked_forward(net, models, x)
+    assert out.final.shape == (2, 2, 5) and len(out.final_scaled) == (1 if model == "resnet50" else 0)
+    net.load_state_dict(models.state(1))
+    with torch.no_grad():
+        torch.testing.assert_close(out.final[1], net(x[1]).final, rtol=1e-10, atol=1e-12)

@@ -427,3 +427,31 @@ def test_from_npz_uses_the_federated_loader_and_statistics():
     assert tuple(norm.mean) == ds.mean and tuple(norm.std) == ds.std
     with pytest.raises(ValueError, match="does not exist"):
         ArrayDataModule.from_npz(CIFAR10_MINI.parent / "missing.npz")
+
+
+# ---- head layouts: every layout trains through local_update; FedBABU's freezing keeps the scalers fixed --------------
+@pytest.mark.parametrize("layout", ["fixed", "historic"])
+@pytest.mark.parametrize("model", ["cnn4", "resnet18", "resnet50"])
+def test_local_update_under_each_head_layout(model, layout):
+    k = 10
+    module = make_module(model, k, model_options={"head_layout": layout})
+    assert module.net.head_layout == layout
+    batches = image_batches(1, 2, k)
+    init = {k_: v.clone() for k_, v in module.net.state_dict().items()}
+    update = module.local_update(batches, train_part="body", lr=0.1)
+    state = module.net.state_dict()
+    head_keys = module.net.head_state_keys()
+    if layout == "historic" and model != "cnn4":
+        assert any(".scaler." in key for key in head_keys)
+    for key in head_keys:  # final head, aux heads and their scalers: bitwise unchanged
+        assert torch.equal(state[key], init[key]), key
+    assert any(not torch.equal(update.body_state[key], init[key]) for key in update.body_state
+               if init[key].is_floating_point())
+    assert np.isfinite(update.metrics["loss"])
+    if model == "resnet50":  # its default loss has the scaler on: fine-tuning (full) trains every scaler
+        module.load_state(init)
+        full = module.local_update(batches, train_part="full", lr=0.1, return_head=True)
+        scalers = [key for key in head_keys if "scaler" in key]
+        assert len(scalers) == (8 if layout == "historic" else 0)
+        for key in scalers:
+            assert not torch.equal(full.head_state[key], init[key]), key

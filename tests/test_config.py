@@ -110,6 +110,10 @@ def test_bad_config_files_and_sections_get_one_line(tmp_path, capsys):
     for argv, needle in [(["--config", str(binary)], "is not a text YAML file"),
                          (["--config", smoke, "--federation", "5"], "config key federation is a section, not a value"),
                          (["--config", smoke, "--model.options.widht", "8"], "cnn4 has no option 'widht'"),
+                         (["--config", smoke, "--model.options.head_layout", "paper"],
+                          "config key model.options.head_layout: must be one of ('fixed', 'historic'), got 'paper'"),
+                         (["--config", smoke, "--model.name", "mobilenet", "--model.options", "{head_layout: historic}"],
+                          "config key model.options.head_layout: mobilenet has no option 'head_layout'"),
                          (["--config", smoke, "--data.num_client", "5"], "unrecognized arguments: --data.num_client")]:
         assert main(argv) == 2
         err = capsys.readouterr().err

@@ -518,3 +518,27 @@ def test_single_aux_head_modes_train_only_that_head(head):
         assert (raw.grad is not None and raw.grad.abs().sum() > 0) == (i == head)
     with pytest.raises(ValueError, match="auxiliary heads"):
         MultiHeadLoss(loss_config("ce_aux0", aux_only=3))(make_output(), labels())
+
+
+# --- a model whose final head has a scaler (the historic ResNet-50): final_scaled --------------------------------
+
+def test_final_scaled_replaces_the_final_logits_when_the_scaler_is_on():
+    """The historic ResNet-50 serves the final logits divided by its own temperature; with the scaler on the loss is
+    computed on them exactly as on an ordinary final head holding those logits, with the scaler off on ``final``."""
+    base = make_output()
+    divisor = torch.tensor([0.6, 1.2, 0.9, 1.4])
+    scaled_final = base.final / divisor[:, None]
+    with_final_scaler = base._replace(final_scaled=(scaled_final,))
+    y = labels()
+    for preset in ("mhmd", "no_scaler", "one_way"):
+        cfg = loss_config(preset)
+        got = MultiHeadLoss(cfg)(with_final_scaler, y)
+        served = scaled_final if cfg.use_scaler else base.final
+        expected = MultiHeadLoss(cfg)(base._replace(final=served), y)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=0, atol=0)
+    on = MultiHeadLoss(loss_config("mhmd"))(with_final_scaler, y)
+    torch.testing.assert_close(on.ce_final, F.cross_entropy(scaled_final, y))
+    assert not torch.allclose(on.ce_final, F.cross_entropy(base.final, y))  # the scaling really enters the loss
+    off = MultiHeadLoss(loss_config("mhmd", use_scaler=False))(with_final_scaler, y)
+    torch.testing.assert_close(off.ce_final, F.cross_entropy(base.final, y))

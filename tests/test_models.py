@@ -530,3 +530,127 @@ def test_registered_default_loss_settings():
         cfg = loss_config("mhmd", **model_entry(name).default_loss)  # the defaults are valid loss options
         assert (cfg.aux_weight, cfg.kd_weight, cfg.use_scaler) == (aux_w, kd_w, scaler)
         assert model_entry(name).name == name and model_entry(name).description
+
+
+# --- head_layout: historic (the reference's research code, SPEC 2.2-2.3) ---------------------------------------
+
+HISTORIC = ("cnn4", "resnet18", "resnet50")
+
+
+def _capture(model: MultiHeadNet, modules: dict[str, nn.Module], training: bool):
+    """Run a forward pass and return (output, {name: module output}) of the given modules."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_hook(lambda mod, args, out, key=key: seen.__setitem__(key, out.detach().clone()))
+               for key, m in modules.items()]
+    model.train(training)
+    with torch.no_grad():
+        out = model(images(2))
+    for h in handles:
+        h.remove()
+    return out, seen
+
+
+def test_head_layout_fixed_is_the_default_and_bad_values_are_refused():
+    for name in HISTORIC:
+        default, fixed = make(name, 10), make(name, 10, head_layout="fixed")
+        assert default.head_layout == "fixed"
+        assert default.state_dict().keys() == fixed.state_dict().keys()
+        with pytest.raises(ValueError, match="head_layout"):
+            make(name, 10, head_layout="paper")
+    with pytest.raises(ValueError, match="head_layout"):  # MobileNet's heads are the reference's: no such option
+        make("mobilenet", 10, head_layout="historic")
+
+
+@pytest.mark.parametrize("training", (True, False))
+def test_cnn4_historic_heads_all_read_conv0(training):
+    model = make("cnn4", 7, head_layout="historic")
+    assert [type(h).__name__ for h in model.aux_heads] == ["AuxHead"] * 3  # the same heads, other features
+    out, seen = _capture(model, {"conv0": model.conv0}, training)
+    pooled = seen["conv0"].mean(dim=(2, 3))
+    for head, u, t, a in zip(model.aux_heads, out.aux_raw, out.temperature, out.aux):
+        z = pooled @ head.fc.weight.T  # bias-free Linear(64 -> K + 1) on GAP(conv0)
+        torch.testing.assert_close(u, z[:, :7])
+        torch.testing.assert_close(t, torch.sigmoid(z[:, 7]))
+        torch.testing.assert_close(a, u / t[:, None] if training else u)
+    assert not torch.allclose(out.aux_raw[0], out.aux_raw[1])  # three projections of the same feature
+
+
+@pytest.mark.parametrize("training", (True, False))
+def test_resnet18_historic_heads_read_the_first_block_with_eps_scalers(training):
+    k = 7
+    model = make("resnet18", k, head_layout="historic")
+    out, seen = _capture(model, {"block0": model.layer1[0]}, training)
+    assert seen["block0"].shape == (2, 64, 32, 32)
+    pooled = seen["block0"].mean(dim=(2, 3))
+    for head, eps, u, t, a in zip(model.aux_heads, (0.1, 0.01, 0.001), out.aux_raw, out.temperature, out.aux):
+        assert head.fc.weight.shape == (k, 64) and head.fc.bias.shape == (k,)
+        assert head.scaler.weight.shape == (1, 64) and head.scaler.bias.shape == (1,)
+        torch.testing.assert_close(u, pooled @ head.fc.weight.T + head.fc.bias)
+        expected_t = torch.sigmoid(pooled @ head.scaler.weight.T + head.scaler.bias).squeeze(1) + eps
+        torch.testing.assert_close(t, expected_t)
+        torch.testing.assert_close(a, u / t[:, None] if training else u)
+    assert out.final_scaled == ()  # ResNet-18's final head has no scaler
+    assert model.final_scaler is None
+
+
+@pytest.mark.parametrize("training", (True, False))
+def test_resnet50_historic_heads_and_scaled_final_head(training):
+    k = 5
+    model = make("resnet50", k, head_layout="historic")
+    out, seen = _capture(model, {"l1": model.layer1, "l2": model.layer2, "l3": model.layer3, "l4": model.layer4},
+                         training)
+    for head, key, channels, u, t, a in zip(model.aux_heads, ("l1", "l2", "l3"), (256, 512, 1024), out.aux_raw,
+                                            out.temperature, out.aux):
+        pooled = seen[key].mean(dim=(2, 3))
+        assert pooled.shape == (2, channels)
+        torch.testing.assert_close(u, pooled @ head.fc.weight.T + head.fc.bias)
+        torch.testing.assert_close(t, torch.sigmoid(pooled @ head.scaler.weight.T + head.scaler.bias).squeeze(1) + 0.5)
+        torch.testing.assert_close(a, u / t[:, None] if training else u)
+    pooled = seen["l4"].mean(dim=(2, 3))
+    torch.testing.assert_close(out.final, pooled @ model.classifier.weight.T + model.classifier.bias)
+    final_t = torch.sigmoid(pooled @ model.final_scaler.weight.T + model.final_scaler.bias) + 0.5  # (B, 1)
+    assert len(out.final_scaled) == 1
+    torch.testing.assert_close(out.final_scaled[0], out.final / final_t if training else out.final)
+    # scale_aux false: nothing is served scaled, the final head included
+    plain = make("resnet50", k, head_layout="historic", scale_aux=False).train()
+    with torch.no_grad():
+        o = plain(images(2))
+    assert torch.equal(o.final_scaled[0], o.final) and all(torch.equal(a, u) for a, u in zip(o.aux, o.aux_raw))
+
+
+@pytest.mark.parametrize("name", HISTORIC)
+def test_historic_body_head_split_includes_the_scalers(name):
+    k = 10
+    fixed, historic = make(name, k), make(name, k, head_layout="historic")
+    # the body does not change with the layout
+    assert [(n, p.shape) for n, p in fixed.named_part_parameters("body")] == \
+           [(n, p.shape) for n, p in historic.named_part_parameters("body")]
+    head_names = {n for n, _ in historic.named_part_parameters("head")}
+    scaler_names = {n for n, _ in historic.named_parameters() if "scaler" in n}
+    expected_scalers = {"cnn4": 0, "resnet18": 6, "resnet50": 8}[name]  # weight + bias per scaler
+    assert len(scaler_names) == expected_scalers
+    assert scaler_names <= head_names  # FedBABU freezes them with the heads
+    assert set(historic.head_state_keys()) == head_names
+    assert not any("scaler" in k_ for k_ in historic.body_state_keys())
+    head_ids = {id(p) for p in historic.head_parameters()}
+    assert {id(p) for n, p in historic.named_parameters() if "scaler" in n} <= head_ids
+    assert head_ids.isdisjoint(id(p) for p in historic.body_parameters())
+    # head pieces: the temperature is the separate scalers (whole), never a class row of fc
+    temp = historic.head_piece_rows("temperature")
+    if name == "cnn4":
+        assert temp == {f"aux_heads.{i}.fc.weight": slice(-1, None) for i in range(3)}
+    else:
+        assert temp == {f"aux_heads.{i}.scaler.{w}": None for i in range(3) for w in ("weight", "bias")}
+    final = historic.head_piece_rows("final_head")
+    assert set(final) == {"classifier.weight", "classifier.bias"} | (
+        {"final_scaler.weight", "final_scaler.bias"} if name == "resnet50" else set())
+
+
+def test_historic_parameter_counts():
+    k = 100
+    r18 = make("resnet18", k, head_layout="historic")
+    assert n_params(r18.head_parameters()) == 3 * (64 * k + k + 65) + 512 * k + k
+    r50 = make("resnet50", k, head_layout="historic")
+    assert n_params(r50.body_parameters()) == 23_520_842 - 20_490
+    assert n_params(r50.head_parameters()) == sum(c * k + k + c + 1 for c in (256, 512, 1024)) + 2048 * k + k + 2049
+    assert n_params(make("cnn4", k, head_layout="historic")) == n_params(make("cnn4", k))

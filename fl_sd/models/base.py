@@ -2,14 +2,20 @@
 
 A :class:`MultiHeadNet` is a body (feature extractor) carrying a final classifier and any number of auxiliary
 classifiers at intermediate depths. Which parameters are *head* and which are *body* is declared by module role:
-the final classifier lives in ``self.classifier`` and the auxiliary heads in ``self.aux_heads``; everything else
-is body. Subclasses implement :meth:`forward_features` only.
+the final classifier lives in ``self.classifier`` (with, for the historic ResNet-50 only, a per-sample temperature
+``self.final_scaler``) and the auxiliary heads in ``self.aux_heads``; everything else is body. Subclasses implement
+:meth:`forward_features` only.
+
+Head layouts (``head_layout`` of cnn4 / resnet18 / resnet50): ``fixed`` (the default) attaches one :class:`AuxHead`
+per depth; ``historic`` rebuilds the reference's research code (SPEC 2.2-2.3): where its heads read features and, for
+the ResNets, its :class:`ScalerAuxHead` (a separate ``Linear(C, 1)`` scaler with an offset) and ResNet-50's scaled
+final head.
 """
 from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -22,13 +28,30 @@ class MultiHeadOutput(NamedTuple):
     ``aux``: per auxiliary head, (B, K) class logits as the model serves them: divided by the learned
     temperature sigmoid(s) in training mode (when ``scale_aux``), unscaled in eval mode -- as the reference.
     ``aux_raw``: per auxiliary head, the unscaled (B, K) class logits u.
-    ``temperature``: per auxiliary head, the (B,) learned per-sample temperature sigmoid(s) in (0, 1).
+    ``temperature``: per auxiliary head, the (B,) learned per-sample temperature sigmoid(s) in (0, 1) (historic
+    ResNet heads: sigmoid(alpha) + eps, :class:`ScalerAuxHead`).
+    ``final_scaled``: ``()`` for every model without a final-head scaler; for the historic ResNet-50, one (B, K)
+    tensor: the final logits as served to the loss, divided by ``final_scaler``'s temperature in training mode (when
+    ``scale_aux``), equal to ``final`` otherwise. The loss uses it in place of ``final`` when its scaler is on. (A
+    tuple, not None, so that ``torch.func.vmap`` can return the output.)
     """
 
     final: Tensor
     aux: tuple[Tensor, ...]
     aux_raw: tuple[Tensor, ...]
     temperature: tuple[Tensor, ...]
+    final_scaled: tuple[Tensor, ...] = ()
+
+
+#: ``head_layout`` values: ``fixed`` = fl-sd's (one AuxHead per depth), ``historic`` = the reference code's.
+HEAD_LAYOUTS = ("fixed", "historic")
+HeadLayout = Literal["fixed", "historic"]
+
+
+def check_head_layout(layout: str) -> str:
+    if layout not in HEAD_LAYOUTS:
+        raise ValueError(f"head_layout must be one of {HEAD_LAYOUTS}, got {layout!r}")
+    return layout
 
 
 class AuxHead(nn.Module):
@@ -50,6 +73,33 @@ class AuxHead(nn.Module):
         return z[:, : self.num_classes], torch.sigmoid(z[:, self.num_classes])
 
 
+class Scaler(nn.Linear):
+    """The historic ResNets' temperature: Linear(C -> 1, bias) on the pooled feature, sigmoid, plus ``eps``:
+    a per-sample temperature in (eps, 1 + eps)."""
+
+    def __init__(self, in_features: int, eps: float):
+        super().__init__(in_features, 1, bias=True)
+        self.eps = float(eps)
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        return torch.sigmoid(super().forward(pooled)).squeeze(1) + self.eps
+
+
+class ScalerAuxHead(nn.Module):
+    """The historic ResNets' auxiliary head (SPEC 2.3): global average pool, Linear(C -> K, bias) for the class logits
+    and a separate :class:`Scaler` (``Linear(C -> 1, bias)``, sigmoid, + ``eps``) for the temperature."""
+
+    def __init__(self, in_channels: int, num_classes: int, eps: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.fc = nn.Linear(in_channels, num_classes, bias=True)
+        self.scaler = Scaler(in_channels, eps)
+
+    def forward(self, feature: Tensor) -> tuple[Tensor, Tensor]:
+        pooled = feature.mean(dim=(2, 3))
+        return self.fc(pooled), self.scaler(pooled)
+
+
 def batch_norm(track_running_stats: bool):
     """A BatchNorm2d factory: MHMD's models track running statistics, FedBABU's originals do not."""
 
@@ -65,33 +115,43 @@ HEAD_PIECES = ("final_head", "aux_heads", "temperature")
 
 def head_piece_rows(piece: str, keys) -> dict[str, slice | None]:
     """Which of the state-dict ``keys`` -- and which rows of them (``None``: the whole tensor) -- hold a piece of the
-    head: ``final_head`` (``classifier.*``), ``aux_heads`` (``aux_heads.*``: class and temperature rows) or
-    ``temperature`` (the temperature row of every auxiliary head's ``fc`` weights, ``AuxHead.TEMPERATURE_ROWS``).
+    head: ``final_head`` (``classifier.*`` and the historic ResNet-50's ``final_scaler.*``), ``aux_heads``
+    (``aux_heads.*``: class and temperature rows) or ``temperature`` (every auxiliary head's temperature: the last row
+    of an :class:`AuxHead`'s ``fc``, ``AuxHead.TEMPERATURE_ROWS``; the whole ``scaler`` of a :class:`ScalerAuxHead`,
+    whose ``fc`` then holds class rows only).
 
     A function of the key names alone, so the server side (which holds states, not networks) applies the same rule
     as the client side."""
     if piece not in HEAD_PIECES:
         raise ValueError(f"unknown head piece {piece!r}; choose one of {HEAD_PIECES}")
+    keys = list(keys)
+    split = [key.split(".") for key in keys]
+    with_scaler = {parts[1] for parts in split if parts[0] == "aux_heads" and parts[2:3] == ["scaler"]}
     rows: dict[str, slice | None] = {}
-    for key in keys:
-        parts = key.split(".")
-        if piece == "final_head" and parts[0] == "classifier":
+    for key, parts in zip(keys, split):
+        if piece == "final_head" and parts[0] in ("classifier", "final_scaler"):
             rows[key] = None
         elif piece == "aux_heads" and parts[0] == "aux_heads":
             rows[key] = None
-        elif piece == "temperature" and parts[0] == "aux_heads" and parts[2:3] == ["fc"]:
-            rows[key] = AuxHead.TEMPERATURE_ROWS
+        elif piece == "temperature" and parts[0] == "aux_heads":
+            if parts[2:3] == ["scaler"]:
+                rows[key] = None
+            elif parts[2:3] == ["fc"] and parts[1] not in with_scaler:
+                rows[key] = AuxHead.TEMPERATURE_ROWS
     return rows
 
 
 class MultiHeadNet(nn.Module):
-    """Base class: body + final classifier (``self.classifier``) + auxiliary heads (``self.aux_heads``)."""
+    """Base class: body + final classifier (``self.classifier``) + auxiliary heads (``self.aux_heads``), optionally a
+    final-head temperature (``self.final_scaler``, a :class:`Scaler`; None for every model but the historic
+    ResNet-50)."""
 
     #: Module attributes that hold head parameters. Everything else is body.
-    HEAD_MODULES = ("classifier", "aux_heads")
+    HEAD_MODULES = ("classifier", "aux_heads", "final_scaler")
 
     classifier: nn.Module
     aux_heads: nn.ModuleList
+    final_scaler: nn.Module | None
 
     def __init_subclass__(cls, **kwargs):
         # Record the constructor arguments of every concrete network (``build_options``), so that a network built
@@ -125,6 +185,7 @@ class MultiHeadNet(nn.Module):
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         self.num_classes = num_classes
         self.scale_aux = scale_aux
+        self.final_scaler = None  # a subclass may set a Scaler (the historic ResNet-50)
 
     # -- subclass hook --------------------------------------------------------------------------------------
     def forward_features(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
@@ -137,12 +198,15 @@ class MultiHeadNet(nn.Module):
         final = self.classifier(feature)
         aux, raw, temps = [], [], []
         scale = self.training and self.scale_aux
+        final_scaled: tuple[Tensor, ...] = ()
+        if self.final_scaler is not None:
+            final_scaled = (final / self.final_scaler(feature).unsqueeze(1) if scale else final,)
         for head, feat in zip(self.aux_heads, aux_features):
             u, t = head(feat)
             raw.append(u)
             temps.append(t)
             aux.append(u / t.unsqueeze(1) if scale else u)
-        return MultiHeadOutput(final, tuple(aux), tuple(raw), tuple(temps))
+        return MultiHeadOutput(final, tuple(aux), tuple(raw), tuple(temps), final_scaled)
 
     @property
     def num_aux_heads(self) -> int:
@@ -157,7 +221,7 @@ class MultiHeadNet(nn.Module):
 
     # -- body / head split, by module role ------------------------------------------------------------------
     def head_modules(self) -> list[nn.Module]:
-        return [getattr(self, name) for name in self.HEAD_MODULES]
+        return [m for m in (getattr(self, name, None) for name in self.HEAD_MODULES) if m is not None]
 
     def head_parameters(self) -> Iterator[nn.Parameter]:
         for module in self.head_modules():
