@@ -10,6 +10,11 @@ their scripts' own number); a footnote per column says which. Table B: accuracy 
 fine-tuning epochs (runs with f = 0.1, tau = 10, fine-tuned for 20 epochs: configs/paper/table_b). The ablation table:
 the MHMD loss ablations (``mhmd_*``) beside MHMD. Each cell is ``fl-sd (paper)``: mean ± std over clients; several
 seeds of one cell are pooled (the mean over runs of the per-run mean and std, ``n=`` runs).
+
+Other backbones (no published values exist; fl-sd's only): Table 16 = runs of ``resnet18`` / ``resnet50``
+(configs/paper/table16), Tables 12/13 = runs of ``cnn4`` on CIFAR-10 (configs/paper/table12_13); each shows per model
+the best evaluation over the rounds (Table 12: federated training) and the accuracy after 5 fine-tuning epochs
+(Table 13). Those runs are kept out of Tables A, B and the ablation table.
 """
 from __future__ import annotations
 
@@ -41,6 +46,22 @@ class Run:
     tau: int
     curve: list[Value] | None  # personalised accuracy after each fine-tuning epoch 0..E
     best: Value | None  # best evaluation over the rounds (acc_final mean, std)
+    model: str = ""  # model.name
+    dataset: str = ""  # data.dataset
+
+
+#: Table 16's backbones and their names
+BACKBONES = {"resnet18": "ResNet-18", "resnet50": "ResNet-50"}
+
+
+def paper_table(run: Run) -> str:
+    """Which of the tool's table families a run belongs to: ``16`` (ResNets), ``12_13`` (cnn4 on CIFAR-10) or ``main``
+    (Tables A, B and the ablation table: everything else)."""
+    if run.model in BACKBONES:
+        return "16"
+    if run.model == "cnn4" and run.dataset == "cifar10":
+        return "12_13"
+    return "main"
 
 
 def load_runs(run_dirs: list[Path]) -> list[Run]:
@@ -55,7 +76,8 @@ def load_runs(run_dirs: list[Path]) -> list[Run]:
         runs.append(Run(cfg["algorithm"]["name"], d["shards_per_client"] if d["partition"] == "shards" else
                         d["partition"], float(f["client_fraction"]), int(f["local_epochs"]),
                         list(zip(pers["acc_mean"], pers["acc_std"])) if pers else None,
-                        (best["acc_final"], best["acc_final_std"]) if best else None))
+                        (best["acc_final"], best["acc_final_std"]) if best else None,
+                        (cfg.get("model") or {}).get("name", ""), d.get("dataset", "")))
     return runs
 
 
@@ -172,11 +194,42 @@ def table_ablation(runs: list[Run], metric: str = "auto") -> str:
     return body
 
 
+def table_backbones(runs: list[Run], title: str, model_names: dict[str, str] | None = None) -> str:
+    """Rows (s, f, tau); per (algorithm, model) two columns: the best evaluation over the rounds ("FL") and the
+    personalised accuracy after 5 fine-tuning epochs ("FT"). No published values exist for these tables."""
+    cells: dict = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        key = (run.split, run.fraction, run.tau)
+        for metric in ("global", "personalized"):
+            value, _ = table_a_value(run, metric)
+            if value is not None:
+                cells[key][(run.algorithm, run.model, metric)].append(value)
+    if not cells:
+        return ""
+    order = list(COLUMNS)
+    groups = sorted({(a, m) for row in cells.values() for a, m, _ in row},
+                    key=lambda g: (order.index(g[0]) if g[0] in order else len(order), g[0], g[1]))
+    names = model_names or {}
+    columns = [(a, m, metric) for a, m in groups for metric in ("global", "personalized")]
+    label = {"global": "FL", "personalized": "FT"}
+    lines = [title, "", "| s | f | τ | " + " | ".join(
+        f"{COLUMNS.get(a, a)}{' ' + names.get(m, m) if model_names is not None else ''} {label[metric]}"
+        for a, m, metric in columns) + " |", "|---|---|---|" + "---|" * len(columns)]
+    for key in sorted(cells, key=_row_order):
+        s, f, tau = key
+        lines.append(f"| {s} | {f:g} | {tau} | " + " | ".join(_cell(cells[key].get(c, []), None) for c in columns) + " |")
+    lines += ["", "FL: best evaluation over the rounds of federated training (best-on-test, no fine-tuning). FT: "
+                  f"personalised accuracy after {TABLE_A_EPOCH} fine-tuning epochs (fewer if the run fine-tuned fewer) "
+                  "of the best-on-test model. Mean ± std over clients."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m orchestrator.table", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", type=Path)
-    parser.add_argument("--table", choices=("all", "A", "B", "ablation"), default="all")
+    parser.add_argument("--table", choices=("all", "A", "B", "ablation", "16", "12_13"), default="all",
+                        help="16: ResNet-18/50 runs (Table 16); 12_13: cnn4 on CIFAR-10 (Tables 12 and 13)")
     parser.add_argument("--metric", choices=("auto", "personalized", "global"), default="auto",
                         help="auto: each column by its protocol (fine-tuned runs: after 5 epochs; others: best "
                              "evaluation); personalized / global: that metric for every column")
@@ -188,8 +241,16 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no finished runs (config.yaml + results.json) among the given directories", file=sys.stderr)
         return 2
     paper = paper_values(args.paper)
-    tables = {"A": lambda: table_a([r for r in runs if not r.algorithm.startswith("mhmd_")], paper, args.metric),
-              "B": lambda: table_b(runs, paper), "ablation": lambda: table_ablation(runs, args.metric)}
+    family = defaultdict(list)
+    for run in runs:
+        family[paper_table(run)].append(run)
+    main_runs = family["main"]
+    tables = {"A": lambda: table_a([r for r in main_runs if not r.algorithm.startswith("mhmd_")], paper, args.metric),
+              "B": lambda: table_b(main_runs, paper), "ablation": lambda: table_ablation(main_runs, args.metric),
+              "16": lambda: table_backbones(family["16"], "Table 16: other backbones (CIFAR-100), accuracy (%), fl-sd "
+                                                          "only (no published values)", BACKBONES),
+              "12_13": lambda: table_backbones(family["12_13"], "Tables 12 (FL) and 13 (FT): 4-conv CNN on CIFAR-10, "
+                                                                "accuracy (%), fl-sd only (no published values)")}
     chosen = list(tables) if args.table == "all" else [args.table]
     texts = [t for t in (tables[name]() for name in chosen) if t]
     if not texts:

@@ -78,3 +78,42 @@ def test_table_b_and_ablation(tmp_path, capsys):
 def test_no_runs_is_one_line_error(tmp_path, capsys):
     assert table.main([str(tmp_path)]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def backbone_run(root, name, model, dataset, s, f, tau, curve, best, algorithm="mhmd"):
+    run = fake_run(root, name, algorithm, s, f, tau, curve=curve, best=best)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["model"] = {"name": model, "options": {"head_layout": "historic"}}
+    cfg["data"]["dataset"] = dataset
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return run
+
+
+def test_table16_and_tables12_13_from_their_runs_only(tmp_path, capsys):
+    (tmp_path / "paper.md").write_text(PAPER)
+    curve = [(float(e), 0.5) for e in range(6)]
+    runs = [backbone_run(tmp_path, "r18", "resnet18", "cifar100", 100, 0.1, 1, curve, (40.0, 4.0)),
+            backbone_run(tmp_path, "r50", "resnet50", "cifar100", 100, 0.1, 1, [(v + 1, d) for v, d in curve],
+                         (41.0, 4.1)),
+            backbone_run(tmp_path, "c1", "cnn4", "cifar10", 2, 1.0, 10, curve, (70.0, 7.0)),
+            backbone_run(tmp_path, "c2", "cnn4", "cifar10", 2, 1.0, 10, [(v + 2, d) for v, d in curve], (72.0, 7.0)),
+            fake_run(tmp_path, "main", "mhmd", 100, 0.1, 1, curve=[(50.0, 5.0)] * 6)]
+    assert table.main([*map(str, runs), "--paper", str(tmp_path / "paper.md")]) == 0
+    out = capsys.readouterr().out
+    t16 = out.split("Table 16")[1].split("Tables 12")[0]
+    header = next(ln for ln in t16.splitlines() if ln.startswith("| s |"))
+    assert [c.strip() for c in header.strip("|").split("|")][3:] == ["MHMD ResNet-18 FL", "MHMD ResNet-18 FT",
+                                                                    "MHMD ResNet-50 FL", "MHMD ResNet-50 FT"]
+    row = next(ln for ln in t16.splitlines() if ln.startswith("| 100 | 0.1 | 1 |"))
+    assert [c.strip() for c in row.strip("|").split("|")][3:] == ["40.00±4.00", "5.00±0.50", "41.00±4.10", "6.00±0.50"]
+    t12 = out.split("Tables 12")[1]
+    row = next(ln for ln in t12.splitlines() if ln.startswith("| 2 | 1 | 10 |"))
+    assert [c.strip() for c in row.strip("|").split("|")][3:] == ["71.00±7.00 (n=2)", "6.00±0.50 (n=2)"]
+    # Table A holds the MobileNet run only: its cell, not pooled with the ResNets' (50 = the main run alone)
+    table_a = out.split("Table B")[0] if "Table B" in out else out.split("Table 16")[0]
+    row = next(ln for ln in table_a.splitlines() if ln.startswith("| 100 | 0.1 | 1 |"))
+    assert "50.00±5.00 (61.87±5.12)" in row and "n=" not in row
+    for which, needle in (("16", "Table 16"), ("12_13", "Tables 12")):
+        assert table.main([*map(str, runs), "--table", which]) == 0
+        text = capsys.readouterr().out
+        assert text.startswith(needle) and "Table A" not in text
