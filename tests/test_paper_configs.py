@@ -73,3 +73,29 @@ def test_backbone_config_runs_end_to_end_on_a_tiny_federation(tmp_path, cell):
     results = run(cfg)
     assert results["personalized"]["acc_mean"] and len(results["personalized"]["acc_mean"]) == 2
     assert 0 <= results["global_best"]["acc_final"] <= 100
+
+
+def test_resnet_loss_modes_10050_and_10051():
+    """The reference's ResNet-50 modes as fl-sd options: 10051 = mhmd with the model's defaults (aux 1, KD 1, scaler
+    on), 10050 = the same without the scaler (loss option or the mhmd_no_scaler ablation); ResNet-18: aux 0.01, KD 0.1,
+    scaler off. Fine-tuning uses the same loss (the reference forces its training mode)."""
+    from orchestrator.algorithms import get_algorithm
+    from orchestrator.build import loss_configs
+
+    def losses(cell, *overrides):
+        cfg = load_config(PAPER / cell, list(overrides))
+        return loss_configs(cfg, get_algorithm(cfg.algorithm.name)(cfg.algorithm_options()))
+
+    def key(c):
+        return c.aux_weight, c.kd_weight, c.use_scaler, c.direction, c.gating, c.final_weight
+
+    train, finetune = losses("table16/resnet50/s100_f0.1_tau1.yaml")
+    assert key(train) == key(finetune) == (1.0, 1.0, True, "mutual", "correct", 1.0)  # 10051
+    off, off_ft = losses("table16/resnet50/s100_f0.1_tau1.yaml", "--algorithm.loss_options.use_scaler", "false")
+    assert key(off) == key(off_ft) == (1.0, 1.0, False, "mutual", "correct", 1.0)  # 10050
+    ablation, _ = losses("table16/resnet50/s100_f0.1_tau1.yaml", "--algorithm.name", "mhmd_no_scaler")
+    assert key(ablation) == key(off)
+    r18, r18_ft = losses("table16/resnet18/s100_f0.1_tau1.yaml")
+    assert key(r18) == key(r18_ft) == (0.01, 0.1, False, "mutual", "correct", 1.0)
+    cnn, _ = losses("table12_13/mhmd/s2_f0.1_tau1.yaml")
+    assert key(cnn) == (0.01, 1.0, True, "mutual", "correct", 1.0)
