@@ -149,19 +149,29 @@ def _client_side(config: ConfigRecord) -> tuple[ClientRuntime, Any]:
     return runtime, algorithm
 
 
-@client_app.query()
-def query(msg: Message, context: Context) -> Message:
+def partition_reply(msg: Message, context: Context) -> Message:
+    """The reply to a ``query`` message: which client's partition this node holds."""
     return Message(RecordDict({"node": ConfigRecord({"partition_id": int(context.node_config[PARTITION_ID])})}),
                    reply_to=msg)
+
+
+def addressed_client(config, context: Context, node: str = "node") -> int:
+    """The client a ``train`` message is for; refuses a message that reached the node of another partition."""
+    client, partition = int(config["client"]), int(context.node_config[PARTITION_ID])
+    if partition != client:
+        raise ValueError(f"message for client {client} reached the {node} of partition {partition}")
+    return client
+
+
+@client_app.query()
+def query(msg: Message, context: Context) -> Message:
+    return partition_reply(msg, context)
 
 
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
-    client = int(config["client"])
-    partition = int(context.node_config[PARTITION_ID])
-    if partition != client:
-        raise ValueError(f"message for client {client} reached the node of partition {partition}")
+    addressed_client(config, context)
     runtime, algorithm = _client_side(config)
     return train_reply(msg, context, runtime, algorithm)
 

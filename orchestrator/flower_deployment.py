@@ -89,16 +89,13 @@ def _client_side(config: ConfigRecord, context: Context):
 
 @client_app.query()
 def query(msg: Message, context: Context) -> Message:
-    return Message(RecordDict({"node": ConfigRecord({"partition_id": int(context.node_config[PARTITION_ID])})}),
-                   reply_to=msg)
+    return flower_app.partition_reply(msg, context)
 
 
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
-    client, partition = int(config["client"]), int(context.node_config[PARTITION_ID])
-    if partition != client:
-        raise ValueError(f"message for client {client} reached the SuperNode of partition {partition}")
+    client = flower_app.addressed_client(config, context, node="SuperNode")
     runtime, algorithm, shard = _client_side(config, context)
     if shard.client != client or shard.digest != str(config["digest"]):
         raise ValueError(f"the data of this SuperNode ({_node_data_path(context)}: client {shard.client}, digest "

@@ -39,35 +39,51 @@ class PerFedAvgOptions(AlgorithmOptions):
             raise OptionError("beta", f"must be a number > 0, got {self.beta}")
 
 
-class SharedMomentumMetaSteps(StepHooks):
-    """FedBABU's ``LocalUpdatePerFedAvg.train``: steps in pairs through ONE momentum SGD. Even step: save w, step at
-    the groups' learning rate alpha (w' = w - alpha m_1). Odd step: the gradient was taken at w'; restore w, step at
-    ``beta`` (the momentum buffer carries the inner gradient). Only the outer steps count in the metrics."""
+class MetaStepPairs(StepHooks):
+    """Local steps in pairs (inner, outer) from the current weights w: the even step saves w and moves to w', the odd
+    step's gradient was taken at w' and is applied to the restored w. ``alphas`` are the groups' learning rates at the
+    first step (the inner step size); only the outer steps count in the metrics."""
 
     def __init__(self, beta: float):
         self.beta = float(beta)
         self.alphas: list[float] | None = None
         self.saved: list[torch.Tensor] = []
 
-    @torch.no_grad()
-    def before_step(self, step, optimizer):
-        groups = optimizer.param_groups
+    def start_pair(self, optimizer) -> list[torch.Tensor]:
+        """Remember the inner learning rates (on the first call); the parameters of every group, in order."""
         if self.alphas is None:
-            self.alphas = [g["lr"] for g in groups]
-        params = [p for g in groups for p in g["params"]]
-        if step % 2 == 0:
-            self.saved = [p.detach().clone() for p in params]
-            for g, alpha in zip(groups, self.alphas):
-                g["lr"] = alpha
-            return False
+            self.alphas = [g["lr"] for g in optimizer.param_groups]
+        return [p for g in optimizer.param_groups for p in g["params"]]
+
+    def save(self, params: list[torch.Tensor]) -> None:
+        self.saved = [p.detach().clone() for p in params]
+
+    def restore(self, params: list[torch.Tensor]) -> None:
         for p, w in zip(params, self.saved):
             p.copy_(w)
-        for g in groups:
-            g["lr"] = self.beta
-        return False
 
     def record(self, step):
         return step % 2 == 1
+
+
+class SharedMomentumMetaSteps(MetaStepPairs):
+    """FedBABU's ``LocalUpdatePerFedAvg.train``: the pairs go through ONE momentum SGD. Even step: save w, step at
+    the groups' learning rate alpha (w' = w - alpha m_1). Odd step: restore w, step at ``beta`` (the momentum buffer
+    carries the inner gradient)."""
+
+    @torch.no_grad()
+    def before_step(self, step, optimizer):
+        params = self.start_pair(optimizer)
+        groups = optimizer.param_groups
+        if step % 2 == 0:
+            self.save(params)
+            for g, alpha in zip(groups, self.alphas):
+                g["lr"] = alpha
+            return False
+        self.restore(params)
+        for g in groups:
+            g["lr"] = self.beta
+        return False
 
 
 class AlphaThenBeta(StepHooks):
@@ -83,37 +99,27 @@ class AlphaThenBeta(StepHooks):
         return False
 
 
-class FirstOrderMetaSteps(StepHooks):
-    """Steps in pairs: on even steps the inner update w' = w - alpha grad L_1(w) (plain SGD at the groups' learning
-    rates; the optimizer does not step), on odd steps the gradient grad L_2(w') is applied to w by the optimizer at
-    ``beta``. Only the outer steps count in the metrics."""
-
-    def __init__(self, beta: float):
-        self.beta = float(beta)
-        self.alphas: list[float] | None = None
-        self.saved: list[torch.Tensor] = []
+class FirstOrderMetaSteps(MetaStepPairs):
+    """Even steps: the inner update w' = w - alpha grad L_1(w) by hand (plain SGD at the groups' learning rates; the
+    optimizer does not step); odd steps: the gradient grad L_2(w') is applied to w by the optimizer at ``beta``."""
 
     @torch.no_grad()
     def before_step(self, step, optimizer):
+        first = self.alphas is None
+        params = self.start_pair(optimizer)
         groups = optimizer.param_groups
-        if self.alphas is None:
-            self.alphas = [g["lr"] for g in groups]
+        if first:
             for g in groups:
                 g["lr"] = self.beta
-        params = [p for g in groups for p in g["params"]]
         if step % 2 == 0:
-            self.saved = [p.detach().clone() for p in params]
+            self.save(params)
             for g, alpha in zip(groups, self.alphas):
                 for p in g["params"]:
                     if p.grad is not None:
                         p.sub_(p.grad, alpha=alpha)
             return True
-        for p, w in zip(params, self.saved):  # the gradient was taken at w'; the step applies it to w
-            p.copy_(w)
+        self.restore(params)  # the gradient was taken at w'; the step applies it to w
         return False
-
-    def record(self, step):
-        return step % 2 == 1
 
 
 @register_algorithm
