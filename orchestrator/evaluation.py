@@ -5,22 +5,27 @@ no BatchNorm), the test set is passed through the network once and the per-sampl
 afterwards (the clients' test splits partition the test set). A model whose BatchNorm has no running statistics
 normalises with the statistics of the batch it is given, also in eval mode: as the reference (FedBABU's
 ``test_img_local``), each client's test split is then its own batch (splits longer than ``eval_batch_size`` in chunks
-of that size), so a prediction never depends on another client's images; clients with equal split sizes are stacked
-and evaluated in one vectorised pass (``torch.func.vmap``: one batch per client, the same numbers as one call per
-client). Per-client models are evaluated client by client; which model a client is evaluated with is the algorithm's
-decision (``Algorithm.evaluate``). Clients without test data score NaN and are left out of the means
-(``summarize`` reports how many).
+of that size), so a prediction never depends on another client's images. Per-client models are evaluated client
+by client; which model a client is evaluated with is the algorithm's decision (``Algorithm.evaluate``). Clients
+without test data score NaN and are left out of the means (``summarize`` reports how many).
+
+Speed (docs/RESULTS.md, "Evaluation against its floor"): where the images per forward pass do not change the numbers
+(a model without batch-dependent BatchNorm), a pass on a CPU takes at most :data:`CPU_PASS_IMAGES` images, the measured per-image optimum; ``federation.eval_batch_size`` is the upper
+bound (and, for batch-dependent BatchNorm, the chunk a long split is cut into). The learned temperatures of the global
+model (:func:`temperature_stats`) come from the evaluation pass itself when it is one pass of that model over the
+test set (:func:`scores_and_temperatures`), not from a second forward pass.
 """
 from __future__ import annotations
 
 from contextlib import nullcontext
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import vmap
 
 from fl_sd.models import MultiHeadNet
 from fl_sd.stacked import StackedModels, stacked_forward
@@ -37,16 +42,43 @@ def head_names(net: MultiHeadNet) -> list[str]:
     return ["final"] + [f"aux{i}" for i in range(net.num_aux_heads)]
 
 
+#: the most images per forward pass on a CPU where the pass size does not change the numbers: per image the fastest
+#: size measured for MobileNet and cnn4 (docs/RESULTS.md, "Evaluation against its floor"); larger activations fall
+#: out of the caches and, beyond glibc's mmap threshold, come as fresh zeroed pages from the kernel on every pass
+CPU_PASS_IMAGES = 50
+#: the learned temperatures are averaged over the first this many test images (as one batch)
+TEMPERATURE_IMAGES = 1000
+
+
+def pass_images(batch_size: int, device: torch.device) -> int:
+    """Images per forward pass where their number does not change the results: ``batch_size``
+    (``federation.eval_batch_size``), at most :data:`CPU_PASS_IMAGES` on a CPU."""
+    return min(batch_size, CPU_PASS_IMAGES) if device.type == "cpu" else batch_size
+
+
 @torch.no_grad()
 def predict(net: MultiHeadNet, data, indices: torch.Tensor | None, batch_size: int,
             autocast: torch.autocast | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(correct, loss): (H, n) bool and float tensors for the samples ``indices`` (all when None), in order.
+    """(correct, loss): (H, n) bool and float tensors for the samples ``indices`` (all when None), in order, in
+    batches of ``batch_size`` (of :func:`pass_images` when the network's predictions do not depend on the batch).
 
     Auxiliary logits are the unscaled ones in eval mode (as the reference's evaluation).
     """
+    correct, loss, _ = predict_with_temperatures(net, data, indices, batch_size, autocast, 0)
+    return correct, loss
+
+
+@torch.no_grad()
+def predict_with_temperatures(net: MultiHeadNet, data, indices: torch.Tensor | None, batch_size: int,
+                              autocast: torch.autocast | None, temperature_images: int
+                              ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """:func:`predict`, and per auxiliary head the (m,) learned temperatures of the first
+    ``m = min(temperature_images, n)`` samples, from the same forward passes."""
+    if not batch_dependent(net):
+        batch_size = pass_images(batch_size, data.device)
     was_training = net.training
     net.eval()
-    corrects, losses = [], []
+    corrects, losses, temperatures, seen = [], [], [], 0
     try:
         for x, y in data.iterate(batch_size, indices):
             with autocast if autocast is not None else nullcontext():
@@ -54,13 +86,17 @@ def predict(net: MultiHeadNet, data, indices: torch.Tensor | None, batch_size: i
             correct, loss = head_scores(out, y)
             corrects.append(correct)
             losses.append(loss)
+            if seen < temperature_images:
+                temperatures.append(out.temperature)
+                seen += len(y)
     finally:
         net.train(was_training)
+    first = [torch.cat(t)[:temperature_images] for t in zip(*temperatures)] if temperatures else []
     if not corrects:  # an empty split
         heads = 1 + net.num_aux_heads
         return (torch.zeros(heads, 0, dtype=torch.bool, device=data.device),
-                torch.zeros(heads, 0, device=data.device))
-    return torch.cat(corrects, dim=1), torch.cat(losses, dim=1)
+                torch.zeros(heads, 0, device=data.device), first)
+    return torch.cat(corrects, dim=1), torch.cat(losses, dim=1), first
 
 
 #: BatchNorm layers; without running statistics their eval-mode output depends on the batch
@@ -77,33 +113,9 @@ def batch_dependent(net: nn.Module) -> bool:
 def predict_splits(net: MultiHeadNet, data, splits: list[torch.Tensor], batch_size: int
                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(correct, loss) of every head, (H, n_i), for each index set in ``splits``, each evaluated as its own batch
-    (chunks of ``batch_size`` when longer). Splits of equal length up to ``batch_size`` are stacked and run through
-    ``vmap(net)`` together, at most ``batch_size`` images per pass."""
-    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(splits)
-    by_length: dict[int, list[int]] = {}
-    for i, ix in enumerate(splits):
-        by_length.setdefault(len(ix), []).append(i)
-    was_training = net.training
-    net.eval()
-    try:
-        for n, members in by_length.items():
-            if n == 0 or n > batch_size:
-                for i in members:
-                    out[i] = predict(net, data, splits[i], batch_size)
-                continue
-            per_pass = max(1, batch_size // n)
-            for start in range(0, len(members), per_pass):
-                group = members[start:start + per_pass]
-                x, y = data.batch(torch.stack([splits[i] for i in group]).reshape(-1))
-                x, y = x.reshape(len(group), n, *x.shape[1:]), y.reshape(len(group), n)
-                result = vmap(net)(x)
-                for j, i in enumerate(group):
-                    logits = (result.final[j], *(a[j] for a in result.aux))
-                    out[i] = (torch.stack([lg.argmax(dim=1) == y[j] for lg in logits]),
-                              torch.stack([F.cross_entropy(lg, y[j], reduction="none") for lg in logits]))
-    finally:
-        net.train(was_training)
-    return out  # type: ignore[return-value]
+    (chunks of ``batch_size`` when longer): one plain ``net`` call per split. (Stacking equal splits into one
+    ``vmap(net)`` pass was measured slower on a CPU: docs/RESULTS.md, "Evaluation against its floor".)"""
+    return [predict(net, data, ix, batch_size) for ix in splits]
 
 
 def head_scores(out, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,14 +163,46 @@ def summarize(acc: np.ndarray, loss: np.ndarray, sizes: np.ndarray, names: list[
 def shared_model(runtime: "ClientRuntime", state: State) -> Scores:
     """Every client evaluated with the same model: one pass over the test set, grouped by client -- or, when the
     model's predictions depend on the batch (BatchNorm without running statistics), each client's split as its own
-    batch (``predict_splits``)."""
+    batch (``predict_splits``). Inside :func:`scores_and_temperatures` for this ``state``, the one pass also yields
+    the learned temperatures."""
     runtime.load(state)
     if batch_dependent(runtime.net):
         return split_means(runtime.predict_each(range(runtime.num_clients)))
-    correct, loss = runtime.predict(None)
+    request = _TEMPERATURE_REQUEST.get()
+    wanted = (request is not None and request.runtime is runtime and request.state is state
+              and runtime.autocast is None)  # temperature_stats runs without autocast
+    correct, loss, temperatures = predict_with_temperatures(
+        runtime.net, runtime.test_data, None, runtime.eval_batch_size, runtime.autocast,
+        min(TEMPERATURE_IMAGES, len(runtime.test_data)) if wanted else 0)
+    if wanted:
+        request.result = temperature_means(temperatures)
     n = runtime.num_clients
     return (per_client(correct, runtime.test_owner, n).cpu().numpy(),
             per_client(loss, runtime.test_owner, n).cpu().numpy())
+
+
+@dataclass
+class _TemperatureRequest:
+    runtime: "ClientRuntime"
+    state: State
+    result: dict[str, float] | None = None
+
+
+_TEMPERATURE_REQUEST: ContextVar[_TemperatureRequest | None] = ContextVar("temperature_request", default=None)
+
+
+def scores_and_temperatures(runtime: "ClientRuntime", state: State, evaluate: Callable[[], Scores]
+                            ) -> tuple[Scores, dict[str, float]]:
+    """``evaluate()`` (an algorithm's evaluation) and ``temperature_stats(runtime, state)``. When ``evaluate`` runs
+    :func:`shared_model` on this very ``state`` with one pass over the test set, the temperatures are taken from that
+    pass (the same per-image values; the first :data:`TEMPERATURE_IMAGES` images), else from their own pass."""
+    request = _TemperatureRequest(runtime, state)
+    token = _TEMPERATURE_REQUEST.set(request)
+    try:
+        scores = evaluate()
+    finally:
+        _TEMPERATURE_REQUEST.reset(token)
+    return scores, request.result if request.result is not None else temperature_stats(runtime, state)
 
 
 def client_models(runtime: "ClientRuntime", model_of: Callable[[int], State]) -> Scores:
@@ -229,14 +273,25 @@ def client_accuracy(runtime: "ClientRuntime", client: int) -> float:
 
 @torch.no_grad()
 def temperature_stats(runtime: "ClientRuntime", state: State) -> dict[str, float]:
-    """Mean learned temperature sigmoid(s) of each auxiliary head of ``state`` on (up to 1000) test images."""
+    """Mean learned temperature sigmoid(s) of each auxiliary head of ``state`` on the first (up to
+    :data:`TEMPERATURE_IMAGES`) test images, as one batch."""
     runtime.load(state)
     net = runtime.net
+    if not net.num_aux_heads:
+        return {}
     was_training = net.training
     net.eval()
     try:
-        x, _ = next(iter(runtime.test_data.iterate(min(1000, len(runtime.test_data)))))
+        x, _ = next(iter(runtime.test_data.iterate(min(TEMPERATURE_IMAGES, len(runtime.test_data)))))
         out = net(x)
     finally:
         net.train(was_training)
-    return {f"temp_aux{i}": float(t.mean()) for i, t in enumerate(out.temperature)}
+    return temperature_means(out.temperature)
+
+
+def temperature_means(temperatures) -> dict[str, float]:
+    """``{temp_aux<i>: mean}`` of per-image temperatures, one (n,) tensor per auxiliary head; one transfer."""
+    if not temperatures:
+        return {}
+    means = torch.stack([t.mean() for t in temperatures]).tolist()
+    return {f"temp_aux{i}": m for i, m in enumerate(means)}

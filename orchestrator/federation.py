@@ -22,7 +22,7 @@ from .build import make_algorithm, model_description, resolve_device
 from .clients import ClientResult, ClientRuntime
 from .config import Config
 from .errors import TrainingDiverged
-from .evaluation import summarize, temperature_stats
+from .evaluation import scores_and_temperatures, summarize
 from .personalization import personalize
 from .server import Server, clone_state, lr_at, sample_clients
 
@@ -116,10 +116,12 @@ class Federation:
     def evaluate(self) -> dict[str, Any]:
         """Evaluate the current global model (with each client's own part, as the algorithm says); select the best."""
         server, runtime = self.server, self.runtime
-        acc, loss = self.algorithm.evaluate(runtime, server.global_state, server.store, server.round,
-                                            self.lr(server.round))
+        (acc, loss), temperatures = scores_and_temperatures(
+            runtime, server.global_state,
+            lambda: self.algorithm.evaluate(runtime, server.global_state, server.store, server.round,
+                                            self.lr(server.round)))
         summary = summarize(acc, loss, runtime.test_sizes, runtime.heads)
-        summary.update(temperature_stats(runtime, server.global_state))
+        summary.update(temperatures)
         return server.record_evaluation(summary)
 
     def personalize(self, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """Per-client evaluation: BatchNorm without running statistics sees one client's test split per batch (as FedBABU's
-``test_img_local``); the one-pass fast path where predictions do not depend on the batch; clients without test data."""
+``test_img_local``); the one-pass fast path where predictions do not depend on the batch, its pass size and the
+learned temperatures taken from it; clients without test data."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from fed_fixtures import TINY, make_fed
-from orchestrator.evaluation import batch_dependent, predict_splits, shared_model, summarize
+from orchestrator import evaluation
+from orchestrator.evaluation import (batch_dependent, pass_images, predict, predict_splits, shared_model, summarize,
+                                      temperature_stats)
 
 
 def _alone(runtime, client):
@@ -28,7 +31,7 @@ def test_bn_without_running_stats_evaluates_each_client_split_alone(tmp_path):
     for c in range(runtime.num_clients):
         correct, losses = _alone(runtime, c)
         assert acc[0, c] == correct.double().mean().item()
-        assert np.isclose(loss[0, c], losses.double().mean().item(), rtol=1e-5)
+        assert loss[0, c] == losses.double().mean().item()  # bitwise: one plain call per client, as the reference
     # the old one pass over the whole test set (batches mixing clients) gives other numbers: the test can fail
     correct_mixed, _ = runtime.predict(None)
     mixed = [correct_mixed[0, runtime.test_owner == c].double().mean().item() for c in range(runtime.num_clients)]
@@ -70,3 +73,54 @@ def test_clients_without_test_data_are_left_out_of_the_means():
     assert out["loss_final"] == 1.0 * 0.25 + 3.0 * 0.75
     assert out["clients_without_test"] == 1
     assert "clients_without_test" not in summarize(acc[:, [0, 2]], loss[:, [0, 2]], np.array([10, 30]), ["final"])
+
+
+def _forward_batches(net):
+    """The batch sizes of every forward call of ``net`` from now on (a list that fills in)."""
+    sizes: list[int] = []
+    net.register_forward_hook(lambda module, args, out: sizes.append(len(args[0])))
+    return sizes
+
+
+#: 4 classes x 30 = 120 test images of 10 clients, BatchNorm with running statistics (one pass over the test set)
+MORE_TEST = ("--data.synthetic", "{num_classes: 4, train_per_class: 20, test_per_class: 30, image_size: 16}",
+             "--model.options", "{width: 8, track_running_stats: true}", "--data.partition", "iid")
+
+
+def test_passes_without_batch_dependence_are_capped_on_a_cpu_and_give_the_same_numbers(tmp_path):
+    fed = make_fed(tmp_path, *MORE_TEST, "--algorithm.name", "mhmd")
+    runtime = fed.runtime
+    runtime.load(fed.server.global_state)
+    assert pass_images(500, torch.device("cpu")) == evaluation.CPU_PASS_IMAGES < 120
+    assert pass_images(500, torch.device("cuda")) == 500 and pass_images(7, torch.device("cpu")) == 7
+    sizes = _forward_batches(runtime.net)
+    capped = predict(runtime.net, runtime.test_data, None, 500)
+    assert sizes == [50, 50, 20]
+    one = predict(runtime.net, runtime.test_data, None, 1)  # per image: the numbers do not depend on the pass size
+    assert torch.equal(capped[0], one[0]) and torch.allclose(capped[1], one[1], rtol=1e-6, atol=0)
+
+
+def test_temperatures_come_from_the_evaluation_pass_and_equal_their_own_pass(tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluation, "TEMPERATURE_IMAGES", 70)  # cut inside the second pass of 50
+    fed = make_fed(tmp_path, *MORE_TEST, "--algorithm.name", "mhmd")
+    runtime = fed.runtime
+    sizes = _forward_batches(runtime.net)
+    summary = fed.evaluate()
+    assert sizes == [50, 50, 20]  # no second forward pass for the temperatures
+    got = {k: v for k, v in summary.items() if k.startswith("temp_")}
+    sizes.clear()
+    want = temperature_stats(runtime, fed.server.global_state)  # its own pass: the first 70 images as one batch
+    assert sizes == [70] and len(want) == runtime.net.num_aux_heads == 3
+    assert got == want  # bitwise
+
+
+def test_temperatures_of_batch_dependent_models_keep_their_own_batch(tmp_path):
+    fed = make_fed(tmp_path, *TINY, "--algorithm.name", "fedavg")
+    runtime = fed.runtime
+    assert batch_dependent(runtime.net)
+    sizes = _forward_batches(runtime.net)
+    summary = fed.evaluate()
+    # each client's split as one batch, then the first (here: all 20) test images as one batch
+    assert sizes == [int(n) for n in runtime.test_sizes] + [20] and sum(sizes[:-1]) == 20
+    want = temperature_stats(runtime, fed.server.global_state)
+    assert {k: v for k, v in summary.items() if k.startswith("temp_")} == want and len(want) == 3
