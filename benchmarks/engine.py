@@ -6,6 +6,8 @@ resident set), variants interleaved over repeats. K clients per round, each with
 (the paper's clients), MHMD; personalisation: all K clients fine-tune for ``--epochs`` epochs.
 
     python benchmarks/engine.py                                   # both models, K = 10 and 100
+    (engine "compiled": batched with batched.compile = reduce-overhead on a GPU, default on a CPU; keep --warmup >= 1,
+    the first round compiles)
     OMP_NUM_THREADS=1 python benchmarks/engine.py --models cnn4 --clients 10 --rounds 1 --epochs 1   # a CPU
 """
 from __future__ import annotations
@@ -25,7 +27,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 CLASSES = {"mobilenet": 100, "cnn4": 10}
-ENGINES = ("sequential", "batched", "floor")
+ENGINES = ("sequential", "batched", "compiled", "floor")  # compiled = batched + batched.compile (warm-up compiles)
 
 
 def child(model: str, clients: int, engine: str, rounds: int, epochs: int, warmup: int, device: str) -> dict:
@@ -37,7 +39,9 @@ def child(model: str, clients: int, engine: str, rounds: int, epochs: int, warmu
     from round_time import floor_round, timed
 
     k = CLASSES[model]
-    backend = "batched" if engine == "batched" else "inprocess"
+    backend = "batched" if engine in ("batched", "compiled") else "inprocess"
+    on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    compile_mode = ("reduce-overhead" if on_gpu else "default") if engine == "compiled" else "off"
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(HERE.parent / "configs" / "smoke.yaml", [
             "--run_dir", tmp, "--device", device, "--backend", backend, "--model.name", model, "--model.options", "{}",
@@ -46,7 +50,7 @@ def child(model: str, clients: int, engine: str, rounds: int, epochs: int, warmu
                                 f"test_per_class: {max(1, 100 * clients // k)}}}",
             "--federation.client_fraction", "1.0", "--federation.local_epochs", "1", "--federation.batch_size", "50",
             "--federation.lr", "0.1", "--federation.rounds", "1000", "--personalization.epochs", str(epochs),
-            "--tracking.progress", "false", "--tracking.wandb", "disabled"])
+            "--tracking.progress", "false", "--tracking.wandb", "disabled", "--batched.compile", compile_mode])
         fed = Federation(cfg, tmp, log=lambda *_: None)
         runner = make_backend(backend, cfg, tmp, fed.runtime, fed.algorithm)
         step = (lambda r: floor_round(fed, r)) if engine == "floor" else (lambda r: fed.run_round(runner))

@@ -11,4 +11,6 @@ for engine in batched inprocess; do
     python benchmarks/paper_run.py --backend "$engine" --rounds "$ROUNDS" | tail -1
 done
 python benchmarks/paper_run.py --backend batched --rounds "$ROUNDS" --precision bf16-mixed | tail -1
+python benchmarks/paper_run.py --backend batched --rounds "$ROUNDS" --compile reduce-overhead | tail -1
+python benchmarks/paper_run.py --backend batched --rounds "$ROUNDS" --compile reduce-overhead --precision bf16-mixed | tail -1
 python benchmarks/engine.py --clients 10 100 --rounds 5 --epochs 1

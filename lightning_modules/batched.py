@@ -17,11 +17,14 @@ tensors. What it keeps exact, and how:
 * **Batches** are the clients' own streams (the same iterators the sequential engine consumes).
 
 The result equals K sequential ``local_update`` calls up to floating-point reassociation (float64: ~1e-12 relative;
-tests/test_batched.py). What cannot be batched this way -- per-step hooks (Ditto's proximal term, Per-FedAvg's
+tests/test_batched.py). ``compile`` wraps the vmapped step in ``torch.compile`` (``batched.compile`` in the config:
+a mode name, compiled once per module, loss and precision and reused across rounds; ``reduce-overhead`` = CUDA graphs
+on a GPU, whose outputs are copied before the next replay). What cannot be batched this way -- per-step hooks (Ditto's proximal term, Per-FedAvg's
 meta-steps), two-phase updates (FedRep) -- is refused by the orchestrator at config validation.
 """
 from __future__ import annotations
 
+import weakref
 from contextlib import nullcontext
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -36,6 +39,12 @@ from .client import ClientUpdate, MultiHeadClassifier, NonFiniteLossError
 
 State = Mapping[str, Tensor]
 Batch = tuple[Tensor, Tensor]
+
+
+#: ``batched.compile``: off = eager; otherwise the ``torch.compile`` mode of the vmapped step
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+#: per module: (loss, autocast, mode, backend) -> the compiled step (compiling is slow; rounds reuse it)
+_COMPILED_STEPS: "weakref.WeakKeyDictionary[MultiHeadClassifier, dict]" = weakref.WeakKeyDictionary()
 
 
 class ClientFailed(FloatingPointError):
@@ -61,6 +70,8 @@ def batched_local_update(
     on_epoch_end: Callable[[list[tuple[int, int]], StackedModels], None] | None = None,
     autocast: torch.autocast | None = None,
     momentum: float | None = None,
+    compile: str = "off",
+    compile_backend: str = "inductor",
 ) -> list[ClientUpdate]:
     """K local updates at once: client k starts from the full state ``starts[k]`` and takes one SGD step per batch of
     ``batches[k]``; returns K :class:`~lightning_modules.client.ClientUpdate` in order.
@@ -70,6 +81,8 @@ def batched_local_update(
     is called after a step that completed an epoch of some clients: ``done`` lists ``(k, epoch)`` (1-based epoch) and
     ``models`` holds the current stacked states (parameters and buffers; read them, do not write them). The module's
     own weights are not touched. Raises :class:`ClientFailed` for the first client whose loss was NaN/Inf.
+    ``compile`` (one of :data:`COMPILE_MODES`) compiles the vmapped step with ``torch.compile`` (``compile_backend``:
+    inductor; tests use aot_eager, which traces the same graph without generating code).
     """
     k_clients = len(starts)
     if k_clients == 0 or len(batches) != k_clients:
@@ -100,14 +113,7 @@ def batched_local_update(
     for n in train_names:
         lrs_by_value.setdefault(trainable[n], []).append(n)
 
-    def loss_of(p, f, b, x, y):
-        b = {key: value.clone() for key, value in b.items()}  # BatchNorm updates these in place
-        with autocast if autocast is not None else nullcontext():
-            out = functional_call(net, {**p, **f, **b}, (x,))
-            losses = loss_fn(out, y)
-        return losses.total, (b, module.step_record(losses, out, y))
-
-    step_fn = vmap(grad(loss_of, has_aux=True))
+    step_fn = _step_function(module, loss_fn, autocast, compile, compile_backend)
     streams: list[Iterator[Batch] | None] = [iter(b) for b in batches]
     records: list[list[Tensor]] = [[] for _ in range(k_clients)]
     processed = [0] * k_clients
@@ -165,6 +171,45 @@ def batched_local_update(
             head_state={key: full[key][k] for key in head_keys} if return_head else None,
             num_samples=processed[k] if n is None else int(n), num_steps=len(records[k]), metrics=metrics))
     return updates
+
+
+def _step_function(module: MultiHeadClassifier, loss_fn: MultiHeadLoss, autocast: torch.autocast | None,
+                   compile: str, backend: str) -> Callable:
+    """The vmapped per-client gradient step ``(params, frozen, buffers, x, y) -> (grads, (buffers, record))``; with
+    ``compile`` other than off, the ``torch.compile``d one of this (module, loss, autocast, mode, backend)."""
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
+    net = module.net
+
+    def loss_of(p, f, b, x, y):
+        b = {key: value.clone() for key, value in b.items()}  # BatchNorm updates these in place
+        with autocast if autocast is not None else nullcontext():
+            out = functional_call(net, {**p, **f, **b}, (x,))
+            losses = loss_fn(out, y)
+        return losses.total, (b, module.step_record(losses, out, y))
+
+    step_fn = vmap(grad(loss_of, has_aux=True))
+    if compile == "off":
+        return step_fn
+    cache = _COMPILED_STEPS.setdefault(module, {})
+    key = (id(loss_fn), id(autocast), compile, backend)
+    if key not in cache:
+        kwargs = {"mode": compile} if backend == "inductor" else {}
+        compiled = torch.compile(step_fn, backend=backend, **kwargs)
+        if compile == "reduce-overhead":
+            compiled = _fresh_outputs(compiled)
+        cache[key] = (compiled, loss_fn, autocast)  # the references keep the ids of the key unique
+    return cache[key][0]
+
+
+def _fresh_outputs(compiled: Callable) -> Callable:
+    """CUDA-graph replays overwrite their outputs: mark a new step before each call and copy what it returns."""
+
+    def call(*args):
+        torch.compiler.cudagraph_mark_step_begin()
+        return torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, compiled(*args))
+
+    return call
 
 
 def _step(step_fn, ks, k_clients, x, y, params, frozen, buffers, moment, lrs_by_value, momentum, weight_decay,

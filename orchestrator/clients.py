@@ -57,6 +57,8 @@ class ClientRuntime:
                                     dtype=dtype)
         #: clients per batched computation when evaluation and personalisation run batched (backend: batched), else 0
         self.batch_clients = (cfg.batched.max_clients or self.num_clients) if cfg.backend == "batched" else 0
+        #: torch.compile mode of the batched step (batched.compile)
+        self.compile = cfg.batched.compile
         self.train_sizes = partition.train_sizes()
         self.test_sizes = partition.test_sizes()
         self.test_owner = torch.as_tensor(partition.test_owner(len(dataset.test_labels)), device=device)
@@ -130,7 +132,7 @@ class ClientRuntime:
             self.module, starts, batches, train_part=part, lr=lr,
             head_lr=self.head_lr(lr) if head_lr is None else head_lr, loss=self._loss(loss or self.train_loss),
             return_head=return_head, num_samples=num_samples, steps_per_epoch=steps_per_epoch,
-            on_epoch_end=on_epoch_end, autocast=self.autocast, momentum=momentum)
+            on_epoch_end=on_epoch_end, autocast=self.autocast, momentum=momentum, compile=self.compile)
 
     def load(self, state: State) -> None:
         self.module.load_state(state)

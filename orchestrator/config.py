@@ -195,6 +195,9 @@ class BatchedConfig:
     """The batched engine (``backend: batched``): many clients trained and evaluated as one computation."""
 
     max_clients: int = 0  #: clients per batched computation (chunks sized to memory); 0 = a whole round / all clients
+    #: torch.compile the batched step: off (eager) | default | reduce-overhead (CUDA graphs on a GPU) | max-autotune;
+    #: compiled once per run (minutes on a CPU), then reused by every round
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
 
 
 @describe
@@ -551,6 +554,8 @@ def validate(cfg: Config) -> None:
     _check(cfg.checkpoint.every >= 0, "checkpoint.every", f"must be >= 0, got {cfg.checkpoint.every}")
     _validate_flower(cfg.flower)
     _check(cfg.batched.max_clients >= 0, "batched.max_clients", f"must be >= 0, got {cfg.batched.max_clients}")
+    _check(cfg.batched.compile == "off" or cfg.backend == "batched", "batched.compile",
+           f"compiles the batched engine's step, but backend is {cfg.backend}; set backend: batched or compile: off")
     if cfg.backend == "batched":
         algorithm = get_algorithm(a.name)(cfg.algorithm_options())
         _check(algorithm.batchable, "backend", f"algorithm {a.name} cannot run on the batched engine (its local "

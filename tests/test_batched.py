@@ -223,3 +223,35 @@ def test_batched_update_equals_sequential_with_historic_heads(model, options):
     net.load_state_dict(models.state(1))
     with torch.no_grad():
         torch.testing.assert_close(out.final[1], net(x[1]).final, rtol=1e-10, atol=1e-12)
+
+
+def test_compiled_step_equals_eager_and_is_reused():
+    """``compile``: the torch.compile'd vmapped step (aot_eager here: the graph dynamo captures, without inductor's
+    code generation, which a CPU test cannot afford) gives the eager engine's updates, clients of unequal sizes
+    included; a second call (the next round) reuses the compiled step instead of compiling again."""
+    from lightning_modules import batched
+
+    torch.manual_seed(0)
+    module = MultiHeadClassifier(model="cnn4", num_classes=5, model_options={"width": 4, "input_size": 16},
+                                 lr=0.05, momentum=0.9).double()
+    starts = perturbed_starts(module, 3)
+    streams = client_streams([[8, 5], [8, 5], [8]], torch.float64)
+    eager = batched_local_update(module, starts, streams, train_part="body", lr=0.05)
+    compiled = batched_local_update(module, starts, streams, train_part="body", lr=0.05, compile="default",
+                                    compile_backend="aot_eager")
+    for e, c in zip(eager, compiled):
+        assert max_state_err(e.body_state, c.body_state) < 1e-10
+        assert c.metrics == pytest.approx(e.metrics, rel=1e-10)
+    steps = batched._COMPILED_STEPS[module]
+    assert len(steps) == 1
+    again = batched_local_update(module, starts, streams, train_part="body", lr=0.05, compile="default",
+                                 compile_backend="aot_eager")
+    assert batched._COMPILED_STEPS[module] is steps and len(steps) == 1
+    assert all(torch.equal(a.body_state[k], c.body_state[k]) for a, c in zip(again, compiled) for k in a.body_state)
+    with pytest.raises(ValueError, match="compile must be one of"):
+        batched_local_update(module, starts, streams, compile="fast")
+
+
+def test_compile_needs_the_batched_backend(tmp_path):
+    with pytest.raises(ConfigError, match=r"batched\.compile: .*set backend: batched or compile: off"):
+        tiny_config(tmp_path, "--batched.compile", "default")
