@@ -4,9 +4,11 @@
 
 Every run directory below the given paths (a directory holding ``results.json``) counts once. Runs are grouped by
 cell and algorithm: a sweep's runs by its ``sweep_run.json`` (cell, algorithm label, seed); other runs by their config
-(dataset, partition, clients, f, tau, rounds, model) and ``algorithm.name``. For every cell and algorithm the table
-gives the personalised accuracy after the last fine-tuning epoch (the mean over clients of one run) as the mean over
-seeds ± the half-width of its t-interval, the same before fine-tuning (epoch 0), and the paired difference to the
+(dataset, partition, clients, f, tau, rounds, model) and ``algorithm.name``. Only one experiment's seeds are pooled:
+runs of a cell and algorithm whose configs differ in more than the seed (and the keys that do not change a run,
+``fingerprint.NOT_EXPERIMENT``) are listed apart, ``name [key=value]``, with a note naming what differs. For every
+cell and algorithm the table gives the personalised accuracy after the last fine-tuning epoch (the mean over clients
+of one run) as the mean over seeds ± the half-width of its t-interval, the same before fine-tuning (epoch 0), and the paired difference to the
 baseline over the seeds both ran (same seed = same partition and initial model) with its interval; ``*`` marks an
 interval that excludes 0. Written to ``--out`` (default ``<first path>/comparison``): ``comparison.md``,
 ``comparison.csv`` and, per cell, ``<cell>_finetune.png`` (accuracy vs fine-tuning epoch with interval bands, the
@@ -24,12 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from matplotlib.figure import Figure
 
 from .errors import RunDirError
 from .plots import accuracy_band, integer_ticks
-from .rundir import CONFIG_FILE, EVALUATIONS_FILE, RESULTS_FILE
+from .fingerprint import distinguishing, group_experiments, label
+from .rundir import EVALUATIONS_FILE, RESULTS_FILE, read_finished_run
 from .stats import Interval, mean_interval, paired_difference
 from .sweep import SWEEP_RUN_FILE
 
@@ -58,26 +60,52 @@ def cell_of(config: dict[str, Any]) -> str:
             f"_R{f['rounds']}_{m['name']}")
 
 
-def find_runs(paths: list[Path]) -> list[RunRecord]:
-    """Every finished run (``results.json`` with personalisation) in or below ``paths``."""
+def find_runs(paths: list[Path], notes: list[str] | None = None) -> list[RunRecord]:
+    """Every finished run (``results.json`` with personalisation) in or below ``paths``. Runs of one cell and
+    algorithm that are not one experiment (their configs differ in more than the seed and
+    ``fingerprint.NOT_EXPERIMENT``) are not pooled: each experiment's algorithm gets a ``[key=value]`` suffix naming
+    the keys that differ, and a line saying so is appended to ``notes``."""
     dirs: list[Path] = []
     for path in paths:
         if not path.exists():
             raise RunDirError(f"{path}: no such file or directory")
         found = [path] if (path / RESULTS_FILE).exists() else sorted(p.parent for p in path.rglob(RESULTS_FILE))
         dirs += [d for d in found if d not in dirs]
-    records, seen = [], {}
+    candidates: dict[tuple[str, str], list[tuple[dict, tuple]]] = defaultdict(list)
     for run_dir in dirs:
-        results = json.loads((run_dir / RESULTS_FILE).read_text())
-        if not results.get("personalized"):
+        found_run = read_finished_run(run_dir, REQUIRED)
+        if found_run is None or not found_run[1].get("personalized"):
             continue
+        config, results = found_run
         meta_path = run_dir / SWEEP_RUN_FILE
-        if meta_path.exists():
-            meta = json.loads(meta_path.read_text())
-            cell, algorithm, seed = meta["cell"], meta["algorithm"], int(meta["seed"])
-        else:
-            config = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
-            cell, algorithm, seed = cell_of(config), config["algorithm"]["name"], int(config["seed"])
+        try:
+            if meta_path.exists():
+                meta = json.loads(meta_path.read_text())
+                cell, algorithm, seed = meta["cell"], meta["algorithm"], int(meta["seed"])
+            else:
+                cell, algorithm, seed = cell_of(config), config["algorithm"]["name"], int(config["seed"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise RunDirError(f"{run_dir}: damaged {SWEEP_RUN_FILE} or config ({type(err).__name__}: {err}); leave "
+                              "the directory out") from None
+        candidates[(cell, algorithm)].append((config, (seed, run_dir, results)))
+    records, seen = [], {}
+    for (cell, name), entries in candidates.items():
+        groups = group_experiments(entries)
+        keys = distinguishing([config for config, _ in entries]) if len(groups) > 1 else []
+        labelled = []
+        for group in groups:
+            config = next(c for c, item in entries if item is group[0])
+            algorithm = f"{name} [{label(config, keys)}]" if keys else name
+            labelled.append(f"{algorithm}: {', '.join(str(item[1]) for item in group)}")
+            records += _records(cell, algorithm, group, seen)
+        if keys and notes is not None:
+            notes.append(f"cell {cell}, {name}: {len(groups)} different experiments, not pooled ({'; '.join(labelled)})")
+    return records
+
+
+def _records(cell: str, algorithm: str, group: list[tuple], seen: dict) -> list[RunRecord]:
+    records = []
+    for seed, run_dir, results in group:
         key = (cell, algorithm, seed)
         if key in seen:
             raise RunDirError(f"{run_dir} and {seen[key]} are both {algorithm}, seed {seed} of cell {cell}; "
@@ -85,6 +113,16 @@ def find_runs(paths: list[Path]) -> list[RunRecord]:
         seen[key] = run_dir
         records.append(RunRecord(cell, algorithm, seed, run_dir, results))
     return records
+
+
+#: The config keys a comparison reads (a config.yaml without one is refused, naming it)
+REQUIRED = ("seed", "data.dataset", "data.partition", "data.num_clients", "federation.client_fraction",
+            "federation.local_epochs", "federation.rounds", "model.name", "algorithm.name")
+
+
+def _result_dirs(paths: list[Path]) -> list[Path]:
+    return [p.parent for path in paths for p in ([path / RESULTS_FILE] if (path / RESULTS_FILE).exists()
+                                                 else path.rglob(RESULTS_FILE))]
 
 
 def _grouped(records: list[RunRecord]) -> dict[str, dict[str, list[RunRecord]]]:
@@ -215,9 +253,15 @@ def _save(fig: Figure, path: Path) -> Path:
 def compare(paths: list[Path], baseline: str | None = None, out: Path | None = None, confidence: float = 0.95,
             plots: bool = True) -> tuple[str, list[Path]]:
     """Write comparison.md / comparison.csv (and figures) to ``out``; return the Markdown table and written files."""
-    records = find_runs(paths)
+    notes: list[str] = []
+    records = find_runs(paths, notes)
     if not records:
-        raise RunDirError(f"no finished runs (results.json with personalisation) in {' '.join(map(str, paths))}")
+        finished = _result_dirs(paths)
+        raise RunDirError(f"no fine-tuned runs (results.json with personalisation) in {' '.join(map(str, paths))}"
+                          + (f": the {len(finished)} finished runs there ran without personalisation "
+                             "(personalization.enabled: false); fl-sd-compare compares personalised accuracy, "
+                             "python -m orchestrator.table --metric global reports their best evaluation"
+                             if finished else ""))
     known = {r.algorithm for r in records}
     if baseline is not None and baseline not in known:
         raise RunDirError(f"baseline {baseline!r} has no runs here; choose one of {sorted(known)}")
@@ -225,6 +269,8 @@ def compare(paths: list[Path], baseline: str | None = None, out: Path | None = N
     out.mkdir(parents=True, exist_ok=True)
     rows = table(records, baseline, confidence)
     text = markdown(rows, baseline, confidence)
+    if notes:
+        text += "\n\nNot pooled (runs that differ in more than the seed):\n" + "\n".join(f"- {n}" for n in notes)
     (out / "comparison.md").write_text(text + "\n")
     write_csv(rows, out / "comparison.csv")
     written = [out / "comparison.md", out / "comparison.csv"]

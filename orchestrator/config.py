@@ -333,6 +333,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Optional[str]]:
     """Parse ``--config FILE`` plus dotted overrides into a validated :class:`Config` (and the --resume dir)."""
     config_cls = config_class()
     argv = list(sys.argv[1:] if argv is None else argv)
+    print_config = [a for a in argv if a == "--print_config" or a.startswith("--print_config=")]
+    argv = [a for a in argv if a not in print_config]
     for path in _option_values(argv, "--config"):
         check_config_file(path, config_cls)
     parser = _parser(config_cls)
@@ -352,6 +354,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Optional[str]]:
     cfg = config_cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(config_cls)})
     _type_dict_overrides(cfg, argv)
     validate(cfg)
+    if print_config:  # the validated config with typed values (jsonargparse's own would print dict overrides as text)
+        print(cfg.to_yaml(), end="")
+        raise SystemExit(0)
     return cfg, resume
 
 

@@ -6,7 +6,9 @@ other difference, naming each key with both values.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 #: Keys that do not change what a run computes: where it lives, where it runs, how it is watched.
 NOT_IDENTITY = ("name", "run_dir", "device", "flower.", "batched.", "tracking.", "checkpoint.", "data.root",
@@ -15,6 +17,9 @@ NOT_IDENTITY = ("name", "run_dir", "device", "flower.", "batched.", "tracking.",
 #: Edits ``--resume`` accepts besides NOT_IDENTITY: more rounds (the learning-rate milestones are fractions of the
 #: new R, so the rounds still to run follow the new schedule; the result is not a fresh run with that R).
 RESUME_MAY_CHANGE = ("federation.rounds",)
+
+#: Keys that tell runs of one experiment apart: the seed (a table pools a cell's seeds), and NOT_IDENTITY.
+NOT_EXPERIMENT = ("seed",) + NOT_IDENTITY
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -56,3 +61,29 @@ def resume_differences(saved: dict[str, Any], current: dict[str, Any], rounds_do
 def summary(diffs: list[str], limit: int = 4) -> str:
     text = "; ".join(diffs[:limit])
     return text + (f"; and {len(diffs) - limit} more" if len(diffs) > limit else "")
+
+
+def experiment(config: dict[str, Any]) -> dict[str, Any]:
+    """The flattened config without NOT_EXPERIMENT: runs with equal ``experiment()`` are seeds of one experiment."""
+    return {k: v for k, v in flatten(config).items() if not _ignored(k, NOT_EXPERIMENT)}
+
+
+def group_experiments(items: list[tuple[dict[str, Any], T]]) -> list[list[T]]:
+    """``[(config, item), ...]`` -> the items grouped by :func:`experiment` (groups in order of first appearance)."""
+    groups: dict[str, list[T]] = {}
+    for config, item in items:
+        groups.setdefault(repr(sorted(experiment(config).items())), []).append(item)
+    return list(groups.values())
+
+
+def distinguishing(configs: list[dict[str, Any]]) -> list[str]:
+    """The experiment keys whose values are not the same in all ``configs`` (sorted)."""
+    flats = [experiment(c) for c in configs]
+    keys = sorted({k for f in flats for k in f})
+    return [k for k in keys if len({repr(f.get(k, "<unset>")) for f in flats}) > 1]
+
+
+def label(config: dict[str, Any], keys: list[str]) -> str:
+    """``key=value, ...`` of ``config`` for ``keys`` (from :func:`distinguishing`)."""
+    flat = experiment(config)
+    return ", ".join(f"{k}={flat.get(k, '<unset>')!r}" for k in keys)

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -137,3 +138,35 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise RunDirError(f"{path} does not hold a config mapping; the run directory is damaged")
     return data
+
+
+def read_finished_run(run_dir: Path, required: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(config, results) of a finished run (its ``config.yaml`` and ``results.json``); None when ``run_dir`` holds no
+    ``results.json`` (not a run, or not finished). A damaged file, or a config without one of the ``required`` dotted
+    keys (``"data.partition"``), is a RunDirError naming the file."""
+    run_dir = Path(run_dir)
+    res_path = run_dir / RESULTS_FILE
+    if not res_path.exists():
+        return None
+    try:
+        results = json.loads(res_path.read_text())
+    except (ValueError, OSError) as err:
+        raise RunDirError(f"{res_path} is damaged ({type(err).__name__}: {' '.join(str(err).split())}); re-run "
+                          "the run (fl-sd --resume keeps its checkpoint) or leave the directory out") from None
+    if not isinstance(results, dict):
+        raise RunDirError(f"{res_path} holds a {type(results).__name__}, not fl-sd results; leave the directory out")
+    if not (run_dir / CONFIG_FILE).exists():
+        raise RunDirError(f"{run_dir} has {RESULTS_FILE} but no {CONFIG_FILE}; it is not a complete fl-sd run "
+                          "directory: leave it out")
+    try:
+        config = read_run_config(run_dir)
+    except RunDirError as err:
+        raise RunDirError(str(err).replace("--resume ", "")) from None
+    for key in required:
+        node: Any = config
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise RunDirError(f"{run_dir / CONFIG_FILE} has no {key}; it is not a complete fl-sd run config "
+                                  "(written by another tool or edited): restore it or leave the directory out")
+            node = node[part]
+    return config, results

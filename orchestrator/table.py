@@ -9,7 +9,10 @@ paper: MHMD, FedBABU, FedAvg), a run without fine-tuning its best evaluation ove
 their scripts' own number); a footnote per column says which. Table B: accuracy after 0, 1, 2, 3, 4, 5, 10, 15, 20
 fine-tuning epochs (runs with f = 0.1, tau = 10, fine-tuned for 20 epochs: configs/paper/table_b). The ablation table:
 the MHMD loss ablations (``mhmd_*``) beside MHMD. Each cell is ``fl-sd (paper)``: mean ± std over clients; several
-seeds of one cell are pooled (the mean over runs of the per-run mean and std, ``n=`` runs).
+seeds of one cell are pooled (the mean over runs of the per-run mean and std, ``n=`` runs). Only runs of one
+experiment are pooled: runs whose resolved configs differ in anything but the seed and the keys that do not change
+what a run computes (``orchestrator.fingerprint.NOT_EXPERIMENT``: name, run_dir, tracking, device ...) are shown side
+by side (``{a} / {b}``, a Table B row each), with a note under the table naming the keys that differ.
 
 Other backbones (no published values exist; fl-sd's only): Table 16 = runs of ``resnet18`` / ``resnet50``
 (configs/paper/table16), Tables 12/13 = runs of ``cnn4`` on CIFAR-10 (configs/paper/table12_13); each shows per model
@@ -19,14 +22,16 @@ the best evaluation over the rounds (Table 12: federated training) and the accur
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
-import yaml
+from .errors import RunDirError
+from .fingerprint import distinguishing, group_experiments, label
+from .rundir import read_finished_run
 
 #: Table A's column order and the paper's names
 COLUMNS = {"mhmd": "MHMD", "fedbabu": "FedBABU", "fedavg": "FedAvg", "fedper": "FedPer", "lg_fedavg": "LG-FedAvg",
@@ -36,6 +41,7 @@ TABLE_A_EPOCH = 5
 DEFAULT_PAPER = Path(__file__).resolve().parents[1].parent / "shared" / "method" / "PAPER_RESULTS.md"
 
 Value = tuple[float, float]
+T = TypeVar("T")
 
 
 @dataclass
@@ -48,7 +54,13 @@ class Run:
     best: Value | None  # best evaluation over the rounds (acc_final mean, std)
     model: str = ""  # model.name
     dataset: str = ""  # data.dataset
+    config: dict = field(default_factory=dict)  # the resolved config (config.yaml)
+    run_dir: Path | None = None
 
+
+#: The config keys a table reads (a config.yaml without one is refused, naming it)
+REQUIRED = ("data.partition", "data.shards_per_client", "algorithm.name", "federation.client_fraction",
+            "federation.local_epochs")
 
 #: Table 16's backbones and their names
 BACKBONES = {"resnet18": "ResNet-18", "resnet50": "ResNet-50"}
@@ -65,19 +77,25 @@ def paper_table(run: Run) -> str:
 
 
 def load_runs(run_dirs: list[Path]) -> list[Run]:
+    """The finished runs among ``run_dirs`` (directories without results.json are skipped); a damaged results.json or
+    config.yaml is a RunDirError naming the file."""
     runs = []
     for run_dir in run_dirs:
-        cfg_path, res_path = run_dir / "config.yaml", run_dir / "results.json"
-        if not (cfg_path.exists() and res_path.exists()):
+        found = read_finished_run(run_dir, REQUIRED)
+        if found is None:
             continue
-        cfg, res = yaml.safe_load(cfg_path.read_text()), json.loads(res_path.read_text())
+        cfg, res = found
         pers, best = res.get("personalized"), res.get("global_best")
         d, f = cfg["data"], cfg["federation"]
-        runs.append(Run(cfg["algorithm"]["name"], d["shards_per_client"] if d["partition"] == "shards" else
-                        d["partition"], float(f["client_fraction"]), int(f["local_epochs"]),
-                        list(zip(pers["acc_mean"], pers["acc_std"])) if pers else None,
-                        (best["acc_final"], best["acc_final_std"]) if best else None,
-                        (cfg.get("model") or {}).get("name", ""), d.get("dataset", "")))
+        try:
+            runs.append(Run(cfg["algorithm"]["name"], d["shards_per_client"] if d["partition"] == "shards" else
+                            d["partition"], float(f["client_fraction"]), int(f["local_epochs"]),
+                            list(zip(pers["acc_mean"], pers["acc_std"])) if pers else None,
+                            (best["acc_final"], best["acc_final_std"]) if best else None,
+                            (cfg.get("model") or {}).get("name", ""), d.get("dataset", ""), cfg, run_dir))
+        except (KeyError, TypeError, ValueError) as err:
+            raise RunDirError(f"{run_dir}: results.json or config.yaml lacks or mangles {err}; it was not written by "
+                              "a finished fl-sd run: leave the directory out") from None
     return runs
 
 
@@ -101,7 +119,7 @@ def pool(values: list[Value]) -> str:
 def paper_values(path: Path | None) -> dict:
     """{"A": {(s, f, tau, algorithm): "mean±std"}, "B": {(s, algorithm, epoch): "mean±std"}} from PAPER_RESULTS.md."""
     out: dict = {"A": {}, "B": {}}
-    if path is None or not path.exists():
+    if path is None or not path.is_file():
         return out
     names = {v: k for k, v in COLUMNS.items()}
     section = None
@@ -125,10 +143,33 @@ def paper_values(path: Path | None) -> dict:
     return out
 
 
-def _cell(values: list[Value], paper: str | None) -> str:
-    if not values:
+def experiments(entries: list[tuple[Run, T]], where: str, notes: list[str]) -> list[list[T]]:
+    """``[(run, item), ...]`` of one table cell -> the items grouped by experiment (one group: nothing to say). With
+    several, a note naming the keys that differ and each group's values and runs is appended to ``notes``."""
+    groups = group_experiments([(run.config, (run, item)) for run, item in entries])
+    if len(groups) > 1:
+        keys = distinguishing([run.config for run, _ in entries])
+        parts = [f"{{{_mark(i)}}} {label(g[0][0].config, keys)} ({', '.join(str(r.run_dir) for r, _ in g)})"
+                 for i, g in enumerate(groups)]
+        notes.append(f"{where}: {len(groups)} different experiments, not pooled: " + "; ".join(parts))
+    return [[item for _, item in g] for g in groups]
+
+
+def _mark(i: int) -> str:
+    return "abcdefghijklmnopqrstuvwxyz"[i] if i < 26 else str(i)
+
+
+def _cell(entries: list[tuple[Run, Value]], paper: str | None, where: str, notes: list[str]) -> str:
+    if not entries:
         return f"— ({paper})" if paper else ""
-    return pool(values) + (f" ({paper})" if paper else "")
+    groups = experiments(entries, where, notes)
+    text = pool(groups[0]) if len(groups) == 1 else " / ".join(f"{pool(g)} {{{_mark(i)}}}"
+                                                               for i, g in enumerate(groups))
+    return text + (f" ({paper})" if paper else "")
+
+
+def _notes(notes: list[str]) -> list[str]:
+    return ["", "Not pooled (runs that differ in more than the seed):", *(f"- {n}" for n in notes)] if notes else []
 
 
 def _row_order(key):
@@ -142,7 +183,7 @@ def table_a(runs: list[Run], paper: dict, metric: str = "auto", algorithms: list
     for run in runs:
         value, label = table_a_value(run, metric)
         if value is not None:
-            cells[(run.split, run.fraction, run.tau)][run.algorithm].append(value)
+            cells[(run.split, run.fraction, run.tau)][run.algorithm].append((run, value))
             which[run.algorithm].add(label)
     present = {a for row in cells.values() for a in row}
     algorithms = algorithms or [a for a in COLUMNS if a in present] + sorted(present - set(COLUMNS))
@@ -152,35 +193,41 @@ def table_a(runs: list[Run], paper: dict, metric: str = "auto", algorithms: list
     lines = ["Table A: personalised accuracy (%), fl-sd (paper)", "",
              "| s | f | τ | " + " | ".join(f"{COLUMNS.get(a, a)} {marks[a]}" for a in algorithms) + " |",
              "|---|---|---|" + "---|" * len(algorithms)]
+    notes: list[str] = []
     for key in sorted(cells, key=_row_order):
         s, f, tau = key
-        row = [_cell(cells[key].get(a, []), paper["A"].get((s, f, tau, a))) for a in algorithms]
+        row = [_cell(cells[key].get(a, []), paper["A"].get((s, f, tau, a)),
+                     f"s={s} f={f:g} τ={tau} {COLUMNS.get(a, a)}", notes) for a in algorithms]
         lines.append(f"| {s} | {f:g} | {tau} | " + " | ".join(row) + " |")
     lines.append("")
     for a in algorithms:
         lines.append(f"{marks[a]} {COLUMNS.get(a, a)}: " + "; ".join(sorted(which[a])) + ".")
-    return "\n".join(lines)
+    return "\n".join(lines + _notes(notes))
 
 
 def table_b(runs: list[Run], paper: dict) -> str:
     cells: dict = defaultdict(list)
     for run in runs:
         if run.curve and run.fraction == 0.1 and run.tau == 10 and len(run.curve) > 1:
-            cells[(run.split, run.algorithm)].append(run.curve)
+            cells[(run.split, run.algorithm)].append((run, run))
     if not cells:
         return ""
     lines = ["Table B: personalised accuracy (%) after n fine-tuning epochs (f = 0.1, τ = 10), fl-sd (paper)", "",
              "| s | algorithm | " + " | ".join(str(e) for e in TABLE_B_EPOCHS) + " |",
              "|---|---|" + "---|" * len(TABLE_B_EPOCHS)]
     order = list(COLUMNS)
+    notes: list[str] = []
     for (s, alg) in sorted(cells, key=lambda k: (-k[0] if isinstance(k[0], int) else 0,
                                                  order.index(k[1]) if k[1] in order else len(order), k[1])):
-        curves = cells[(s, alg)]
-        row = [_cell([c[e] for c in curves if e < len(c)], paper["B"].get((s, alg, e))) for e in TABLE_B_EPOCHS]
-        lines.append(f"| {s} | {COLUMNS.get(alg, alg)} | " + " | ".join(row) + " |")
+        groups = experiments(cells[(s, alg)], f"s={s} {COLUMNS.get(alg, alg)}", notes)
+        for i, runs in enumerate(groups):
+            name = COLUMNS.get(alg, alg) + (f" {{{_mark(i)}}}" if len(groups) > 1 else "")
+            row = [_cell([(run, run.curve[e]) for run in runs if e < len(run.curve)], paper["B"].get((s, alg, e)),
+                         "", []) for e in TABLE_B_EPOCHS]
+            lines.append(f"| {s} | {name} | " + " | ".join(row) + " |")
     lines += ["", "Epoch 0 is the model handed to fine-tuning (the best-on-test global model); epochs beyond a run's "
                   "personalization.epochs are empty."]
-    return "\n".join(lines)
+    return "\n".join(lines + _notes(notes))
 
 
 def table_ablation(runs: list[Run], metric: str = "auto") -> str:
@@ -203,7 +250,7 @@ def table_backbones(runs: list[Run], title: str, model_names: dict[str, str] | N
         for metric in ("global", "personalized"):
             value, _ = table_a_value(run, metric)
             if value is not None:
-                cells[key][(run.algorithm, run.model, metric)].append(value)
+                cells[key][(run.algorithm, run.model, metric)].append((run, value))
     if not cells:
         return ""
     order = list(COLUMNS)
@@ -215,13 +262,26 @@ def table_backbones(runs: list[Run], title: str, model_names: dict[str, str] | N
     lines = [title, "", "| s | f | τ | " + " | ".join(
         f"{COLUMNS.get(a, a)}{' ' + names.get(m, m) if model_names is not None else ''} {label[metric]}"
         for a, m, metric in columns) + " |", "|---|---|---|" + "---|" * len(columns)]
+    notes: list[str] = []
     for key in sorted(cells, key=_row_order):
         s, f, tau = key
-        lines.append(f"| {s} | {f:g} | {tau} | " + " | ".join(_cell(cells[key].get(c, []), None) for c in columns) + " |")
+        row = [_cell(cells[key].get(c, []), None,
+                     f"s={s} f={f:g} τ={tau} {COLUMNS.get(c[0], c[0])} {names.get(c[1], c[1])} {label[c[2]]}", notes)
+               for c in columns]
+        lines.append(f"| {s} | {f:g} | {tau} | " + " | ".join(row) + " |")
     lines += ["", "FL: best evaluation over the rounds of federated training (best-on-test, no fine-tuning). FT: "
                   f"personalised accuracy after {TABLE_A_EPOCH} fine-tuning epochs (fewer if the run fine-tuned fewer) "
                   "of the best-on-test model. Mean ± std over clients."]
-    return "\n".join(lines)
+    return "\n".join(lines + _notes(notes))
+
+
+def _why_none(runs: list[Run]) -> str:
+    tuned = sum(1 for r in runs if r.curve)
+    b = sum(1 for r in runs if r.curve and len(r.curve) > 1 and r.fraction == 0.1 and r.tau == 10)
+    return (f"{tuned} fine-tuned (personalization.enabled), {len(runs) - tuned} without personalisation; "
+            f"{sum(1 for r in runs if r.best)} with a best evaluation; Table B needs fine-tuned runs with f = 0.1, "
+            f"tau = 10: {b}; the ablation table needs mhmd_* runs: "
+            f"{sum(1 for r in runs if r.algorithm.startswith('mhmd_'))}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,7 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paper", type=Path, default=DEFAULT_PAPER,
                         help="the published values (PAPER_RESULTS.md); a missing file shows fl-sd's values only")
     args = parser.parse_args(argv)
-    runs = load_runs(args.run_dirs)
+    try:
+        runs = load_runs(args.run_dirs)
+    except RunDirError as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
     if not runs:
         print("error: no finished runs (config.yaml + results.json) among the given directories", file=sys.stderr)
         return 2
@@ -254,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     chosen = list(tables) if args.table == "all" else [args.table]
     texts = [t for t in (tables[name]() for name in chosen) if t]
     if not texts:
-        print(f"error: no runs for table {args.table} among the given directories", file=sys.stderr)
+        print(f"error: no runs for table {args.table} among the {len(runs)} finished runs given ({_why_none(runs)})",
+              file=sys.stderr)
         return 2
     print("\n\n".join(texts))
     return 0

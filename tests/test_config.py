@@ -86,6 +86,22 @@ def test_dotted_overrides_into_dict_keys_are_typed(tmp_path):
     assert cfg.data.synthetic.num_classes == 5 and cfg.algorithm.loss_options.kd_weight == 2.0
 
 
+def test_print_config_prints_typed_dict_overrides_and_the_validated_config(capsys):
+    import yaml
+
+    argv = ["--config", str(REPO / "configs" / "smoke.yaml"), "--model.options.width", "8",
+            "--flower.ray_init_args.num_cpus=2", "--federation.rounds", "3", "--print_config"]
+    with pytest.raises(SystemExit) as done:
+        parse_args(argv)
+    assert done.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["options"] == {"width": 8} and printed["flower"]["ray_init_args"] == {"num_cpus": 2}
+    assert printed["federation"]["rounds"] == 3
+    assert printed == parse_args([a for a in argv if a != "--print_config"])[0].to_dict()
+    with pytest.raises(ConfigError, match="federation.rounds"):  # validated before printing
+        parse_args(argv + ["--federation.rounds", "0"])
+
+
 def test_bad_config_files_and_sections_get_one_line(tmp_path, capsys):
     from orchestrator.main import main
 

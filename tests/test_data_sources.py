@@ -126,6 +126,35 @@ def test_missing_torchvision_root_names_dir_and_files(tmp_path):
         load_dataset("cifar10", root=str(root), download=False)
 
 
+@pytest.mark.parametrize("download", [False, True])
+def test_corrupt_or_partial_cifar_files_are_named_not_called_missing(tmp_path, monkeypatch, download):
+    import torchvision.datasets as tvd
+
+    def offline(self):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(tvd.CIFAR10, "download", offline)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    names = [n for n, _ in tvd.CIFAR10.train_list + tvd.CIFAR10.test_list] + [tvd.CIFAR10.meta["filename"]]
+    for name in names:
+        (folder / name).write_bytes(b"\x80\x04 truncated pickle")
+    with pytest.raises(DataError) as err:
+        load_dataset("cifar10", root=str(tmp_path), download=download)
+    msg = str(err.value)
+    assert str(folder / names[0]) in msg and "corrupt" in msg and "delete" in msg and "not found" not in msg
+    assert f"{len(names) - 1} more file(s)" in msg and "\n" not in msg
+    for name in names[1:]:
+        (folder / name).unlink()
+    with pytest.raises(DataError, match="corrupt"):  # the one file left is still damaged
+        load_dataset("cifar10", root=str(tmp_path), download=download)
+    import torchvision.datasets.utils as tvu
+
+    monkeypatch.setattr(tvu, "check_integrity", lambda path, md5=None: os.path.exists(path))  # an intact file...
+    with pytest.raises(DataError, match=r"is incomplete \(missing data_batch_2, "):  # ... but the others are gone
+        load_dataset("cifar10", root=str(tmp_path), download=download)
+
+
 def test_offline_download_falls_back_to_data_error(tmp_path, monkeypatch):
     import torchvision.datasets as tvd
 

@@ -26,11 +26,15 @@ PAPER = """# results
 """
 
 
-def fake_run(root, name, algorithm, s, f, tau, curve=None, best=(10.0, 1.0), seed=1):
+def fake_run(root, name, algorithm, s, f, tau, curve=None, best=(10.0, 1.0), seed=1, lr=0.1, **extra):
     run = root / name
     run.mkdir()
-    cfg = {"seed": seed, "data": {"partition": "shards", "shards_per_client": s},
-           "algorithm": {"name": algorithm}, "federation": {"client_fraction": f, "local_epochs": tau}}
+    cfg = {"seed": seed, "name": name, "run_dir": str(run), "tracking": {"wandb": "disabled"},
+           "data": {"partition": "shards", "shards_per_client": s, "dataset": "cifar100"},
+           "algorithm": {"name": algorithm}, "federation": {"client_fraction": f, "local_epochs": tau, "lr": lr}}
+    for key, value in extra.items():
+        section, sub = key.split("__")
+        cfg.setdefault(section, {})[sub] = value
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     pers = None if curve is None else {"acc_mean": [c for c, _ in curve], "acc_std": [d for _, d in curve]}
     res = {"personalized": pers, "global_best": {"acc_final": best[0], "acc_final_std": best[1]}}
@@ -117,3 +121,61 @@ def test_table16_and_tables12_13_from_their_runs_only(tmp_path, capsys):
         assert table.main([*map(str, runs), "--table", which]) == 0
         text = capsys.readouterr().out
         assert text.startswith(needle) and "Table A" not in text
+
+
+def test_only_runs_of_one_experiment_are_pooled_and_the_difference_is_named(tmp_path, capsys):
+    """Seeds pool (name, run_dir, tracking differ too); another lr or dataset in the same cell is shown apart."""
+    curve = [(float(e), 0.5) for e in range(6)]
+    same = [fake_run(tmp_path, "m1", "mhmd", 100, 0.1, 1, curve=curve, seed=1),
+            fake_run(tmp_path, "m2", "mhmd", 100, 0.1, 1, curve=[(v + 2, d) for v, d in curve], seed=2)]
+    other_lr = fake_run(tmp_path, "m3", "mhmd", 100, 0.1, 1, curve=[(v + 10, d) for v, d in curve], lr=0.05)
+    other_data = fake_run(tmp_path, "m4", "mhmd", 100, 0.1, 1, curve=curve, data__dataset="cifar10")
+    assert table.main([*map(str, same), "--table", "A", "--paper", str(tmp_path / "none.md")]) == 0
+    row = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| 100 |"))
+    assert "6.00±0.50 (n=2)" in row and "{a}" not in row
+    assert table.main([*map(str, same + [other_lr, other_data]), "--table", "A",
+                       "--paper", str(tmp_path / "none.md")]) == 0
+    out = capsys.readouterr().out
+    row = next(ln for ln in out.splitlines() if ln.startswith("| 100 |"))
+    assert "6.00±0.50 (n=2) {a} / 15.00±0.50 {b} / 5.00±0.50 {c}" in row
+    note = next(ln for ln in out.splitlines() if ln.startswith("- s=100"))
+    assert "s=100 f=0.1 τ=1 MHMD: 3 different experiments" in note
+    assert "{a} data.dataset='cifar100', federation.lr=0.1" in note and "federation.lr=0.05" in note
+    assert str(other_lr) in note and "seed=" not in note and "run_dir=" not in note and "name=" not in note
+
+
+def test_table_b_splits_rows_by_experiment(tmp_path, capsys):
+    curve = [(float(e), 1.0) for e in range(21)]
+    runs = [fake_run(tmp_path, "b20", "mhmd", 10, 0.1, 10, curve=curve, personalization__epochs=20),
+            fake_run(tmp_path, "b5", "mhmd", 10, 0.1, 10, curve=curve[:6], personalization__epochs=5)]
+    assert table.main([*map(str, runs), "--table", "B", "--paper", str(tmp_path / "none.md")]) == 0
+    out = capsys.readouterr().out
+    rows = [ln for ln in out.splitlines() if ln.startswith("| 10 | MHMD")]
+    assert [r.split("|")[2].strip() for r in rows] == ["MHMD {a}", "MHMD {b}"]
+    assert "personalization.epochs=20" in out and "personalization.epochs=5" in out
+
+
+def test_damaged_run_directories_get_one_line(tmp_path, capsys):
+    good = fake_run(tmp_path, "good", "mhmd", 100, 0.1, 1, curve=[(1.0, 0.5)] * 6)
+    corrupt = fake_run(tmp_path, "corrupt", "mhmd", 100, 0.1, 1)
+    (corrupt / "results.json").write_text('{"personalized": ')
+    no_section = fake_run(tmp_path, "nosection", "mhmd", 100, 0.1, 1)
+    cfg = yaml.safe_load((no_section / "config.yaml").read_text())
+    del cfg["federation"]
+    (no_section / "config.yaml").write_text(yaml.safe_dump(cfg))
+    bad_yaml = fake_run(tmp_path, "badyaml", "mhmd", 100, 0.1, 1)
+    (bad_yaml / "config.yaml").write_text("data: [1\n")
+    for run, needle in ((corrupt, "results.json is damaged"), (no_section, "has no federation.client_fraction"),
+                        (bad_yaml, "config.yaml is not valid YAML")):
+        assert table.main([str(good), str(run)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err and str(run) in err, err
+
+
+def test_runs_without_personalisation_are_not_called_missing(tmp_path, capsys):
+    run = fake_run(tmp_path, "r", "fedrep", 100, 0.1, 1, best=(30.0, 3.0))
+    assert table.main([str(run), "--paper", str(tmp_path / "none.md")]) == 0  # Table A: its best evaluation
+    assert "30.00±3.00" in capsys.readouterr().out
+    assert table.main([str(run), "--table", "B"]) == 2
+    err = capsys.readouterr().err
+    assert "no finished runs" not in err and "1 finished runs" in err and "1 without personalisation" in err

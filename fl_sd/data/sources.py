@@ -184,12 +184,36 @@ def _load_cifar(key: str, root: str, download: bool) -> ImageDataset:
     for train in (True, False):
         ds, err = _torchvision_split(cls, root, train, download)
         if ds is None:
+            _check_cifar_files(cls, root, key)
             raise DataError(_supply_hint(root, expected, key) + f" [{type(err).__name__}: {_first_line(err)}]")
         splits.append((np.ascontiguousarray(ds.data, dtype=np.uint8), np.asarray(ds.targets, dtype=np.int64)))
         classes = tuple(ds.classes)
     (xtr, ytr), (xte, yte) = splits
     mean, std = NORMALISATION[key]
     return _finish(key, xtr, ytr, xte, yte, len(classes), mean, std, classes)
+
+
+def _check_cifar_files(cls, root: str, key: str) -> None:
+    """After a failed read: a CIFAR directory that exists but holds damaged or missing batch files is reported as
+    such (torchvision says "not found or corrupted" for both, and an offline download then blames the network)."""
+    from torchvision.datasets.utils import check_integrity
+
+    folder = os.path.join(os.path.abspath(root), cls.base_folder)
+    if not os.path.isdir(folder):
+        return
+    files = [(name, md5) for name, md5 in cls.train_list + cls.test_list] + [(cls.meta["filename"], cls.meta["md5"])]
+    present = [(name, md5) for name, md5 in files if os.path.exists(os.path.join(folder, name))]
+    corrupt = [name for name, md5 in present if not check_integrity(os.path.join(folder, name), md5)]
+    missing = [name for name, _ in files if (name, _) not in present]
+    if corrupt:
+        raise DataError(f"dataset {key!r}: {os.path.join(folder, corrupt[0])} is corrupt (its MD5 checksum is not "
+                        f"torchvision's{f'; {len(corrupt) - 1} more file(s) too' if len(corrupt) > 1 else ''}); fix: "
+                        f"delete {folder} and download it again (data.download: true, on a machine with internet) or "
+                        "copy an intact copy there")
+    if missing and present:
+        raise DataError(f"dataset {key!r}: {folder} is incomplete (missing {', '.join(missing)}); fix: delete it and "
+                        "download it again (data.download: true, on a machine with internet) or copy an intact copy "
+                        "there")
 
 
 _IDX_FILES = {
