@@ -20,6 +20,7 @@ from fl_sd.io import atomic_write
 from .plots import plot_run
 from .rundir import (CHECKPOINT_FILE, EVALUATIONS_FILE, PERSONALIZATION_FILE, RESULTS_FILE, ROUNDS_FILE,
                      WANDB_ID_FILE, WANDB_LOGGED_FILE)
+from .wandb_files import last_offline_step
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -96,6 +97,11 @@ class Tracker:
                 group=t.group, job_type=t.job_type, settings=wandb.Settings(init_timeout=60, silent=True))
             logged = self.run_dir / WANDB_LOGGED_FILE
             self._wandb_logged = int(logged.read_text().strip() or 0) if logged.exists() else 0
+            # after kill -9 the counter can run ahead of what W&B kept: trust the offline files / the server
+            if mode == "offline":
+                self._wandb_logged = min(self._wandb_logged, last_offline_step(self.run_dir / "wandb", run_id))
+            elif getattr(self.wandb, "resumed", False):  # online: the server's next step
+                self._wandb_logged = min(self._wandb_logged, max(0, int(self.wandb.starting_step) - 1))
         except Exception as err:  # noqa: BLE001  (tracking must never kill a run)
             warnings.warn(f"W&B tracking disabled: {type(err).__name__}: {err}", stacklevel=2)
             self.wandb = None

@@ -75,6 +75,39 @@ def test_sigkill_then_resume_gives_same_final_metrics(tmp_path):
     assert a == b
 
 
+def test_sigterm_checkpoints_says_how_to_resume_and_resume_is_exact(tmp_path):
+    """What a cluster scheduler sends: the run stops after the current round, checkpoints it (between the
+    checkpoint.every ones), exits 143 with one line naming --resume and the real run directory; the resume's results
+    equal an uninterrupted run's."""
+    common = ["--config", "configs/smoke.yaml", "--federation.rounds", "4", "--checkpoint.every", "2",
+              "--personalization.epochs", "1", "--name", "t", "--tracking.plots", "false", "--tracking.progress",
+              "false"]
+    ref = _cli(*common, "--run_dir", str(tmp_path / "ref"))
+    victim_dir = tmp_path / "victim"
+    victim = _cli(*common, "--run_dir", str(victim_dir))
+    deadline = time.time() + 300
+    while not (victim_dir / CHECKPOINT_FILE).exists():  # the first checkpoint (round 2)
+        if victim.poll() is not None or time.time() > deadline:
+            pytest.fail(f"no checkpoint before the run ended: {victim.communicate()}")
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGTERM)
+    out, err = victim.communicate(timeout=300)
+    assert victim.returncode == 143, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: stopped by SIGTERM (checkpoint of round "), err
+    assert lines[0].endswith(f"; continue with --resume {victim_dir}") and "RUN_DIR" not in err
+    stopped = int(lines[0].split("checkpoint of round ")[1].split(" ")[0])
+    saved = torch.load(victim_dir / CHECKPOINT_FILE, weights_only=False)["state"]["round"]
+    assert saved == stopped and 2 <= stopped < 4 and not (victim_dir / "results.json").exists()
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()
+    resumed = _cli("--resume", str(victim_dir))
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    a = comparable(json.loads((tmp_path / "ref" / "results.json").read_text()))
+    b = comparable(json.loads((victim_dir / "results.json").read_text()))
+    assert a == b
+
+
 def test_nan_loss_stops_naming_round_and_client_and_keeps_checkpoint(tmp_path, monkeypatch):
     from fl_sd.losses import MultiHeadLoss
 
