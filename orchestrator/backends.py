@@ -9,12 +9,14 @@ imported only when asked for (Flower is an optional dependency).
 """
 from __future__ import annotations
 
+import socket
 from typing import Callable
 
 from .algorithms import Algorithm
 from .algorithms.context import ClientJob, State
 from .clients import ClientResult, ClientRuntime, run_client, run_clients_batched
 from .config import Config
+from .errors import ConfigError
 
 
 class InProcessBackend:
@@ -78,6 +80,31 @@ def _deployment(cfg: Config, run_dir, runtime: ClientRuntime, algorithm: Algorit
 #: backend name -> factory(cfg, run_dir, runtime, algorithm)
 BACKENDS: dict[str, Callable] = {"inprocess": _inprocess, "batched": _batched, "flower": _flower,
                                  "deployment": _deployment}
+
+
+#: Seconds to wait for a TCP answer at ``flower.ray_address`` before saying nothing answers there.
+RAY_PROBE_TIMEOUT_S = 5.0
+
+
+def check_ray_address(address: str | None, timeout: float = RAY_PROBE_TIMEOUT_S) -> None:
+    """One clear line, within seconds, when nothing answers at a ``HOST:PORT`` Ray address: Ray itself retries for
+    about a minute, warning, and the run then blamed the startup timeout. ``auto`` and null are left to Ray."""
+    if not address or address == "auto":
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        why = err.strerror or type(err).__name__
+        raise ConfigError(f"config key flower.ray_address: nothing answers at {address} ({why}, waited up to "
+                          f"{timeout:g} s); start the Ray head there (ray start --head --port {port}) or set "
+                          "flower.ray_address: null to start a local Ray") from None
+
+
+def check_backend(cfg: Config) -> None:
+    """What a backend needs from outside this process, checked before a run directory is made (runner.run)."""
+    if cfg.backend == "flower":
+        check_ray_address(cfg.flower.ray_address)
 
 
 def make_backend(name: str, cfg: Config, run_dir, runtime: ClientRuntime, algorithm: Algorithm):

@@ -586,6 +586,9 @@ def _validate_algorithm_sections(cfg: Config) -> None:
 def _validate_flower(fl: FlowerConfig) -> None:
     _check(fl.num_cpus > 0, "flower.num_cpus", f"must be a number > 0, got {fl.num_cpus}")
     _check(fl.num_gpus >= 0, "flower.num_gpus", f"must be a number >= 0, got {fl.num_gpus}")
+    _check(fl.ray_address in (None, "auto") or bool(re.fullmatch(r"(ray://)?[^\s:/]+:\d{1,5}", fl.ray_address)),
+           "flower.ray_address", f"must be auto, HOST:PORT or ray://HOST:PORT (or null: a local Ray), got "
+           f"{fl.ray_address!r}")
     _check("address" not in fl.ray_init_args, "flower.ray_init_args",
            "must not hold the address (set it with flower.ray_address)")
     _check(fl.round_timeout is None or fl.round_timeout > 0, "flower.round_timeout",

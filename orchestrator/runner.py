@@ -10,7 +10,7 @@ from typing import Any, Callable
 from fl_sd.data import Partition
 from fl_sd.io import atomic_write_text
 
-from .backends import make_backend
+from .backends import check_backend, make_backend
 from .checkpoint import check_meta, read_checkpoint, save_checkpoint
 from .config import Config, load_run_config
 from .errors import CheckpointError, RunDirError, RunInterrupted
@@ -67,10 +67,12 @@ def run(cfg: Config | None, resume: str | os.PathLike | None = None, stop_after:
         lock = RunDirLock(run_dir).acquire()
         try:
             cfg, fed, meta = _reopen(run_dir)
+            check_backend(cfg)
         except BaseException:
             lock.release()
             raise
     else:
+        check_backend(cfg)  # e.g. an unreachable Ray address: before a run directory exists
         run_dir = resolve_run_dir(cfg)
         created = create_run_dir(run_dir)
         lock = RunDirLock(run_dir).acquire()

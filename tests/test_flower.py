@@ -6,13 +6,16 @@ and are skipped without it. Option validation needs no Flower.
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 import math
 import time
 
 import pytest
 import torch
 
-from fed_fixtures import tiny_config
+from fed_fixtures import REPO, tiny_config
 from orchestrator.algorithms import list_algorithms
 from orchestrator.algorithms.context import ClientJob
 from orchestrator.clients import run_client
@@ -186,3 +189,27 @@ def test_flower_options_checked_with_the_config(tmp_path):
             tiny_config(tmp_path / "run", f"--flower.{key}", value)
     with pytest.raises(ConfigError, match=r"^config key flower\.ray_init_args: "):
         tiny_config(tmp_path / "run", "--flower.ray_init_args", "{address: auto}")
+
+
+
+@needs_flower
+def test_unreachable_ray_address_is_one_line_naming_the_key(tmp_path):
+    """Nothing listening at flower.ray_address: one line naming the key and the fix (Ray would retry for a minute
+    and the run then blamed its startup timeout); a malformed address is refused with the config."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.run([sys.executable, str(REPO / "orchestrator" / "main.py"), "--config", "configs/smoke.yaml",
+                           "--backend", "flower", "--flower.ray_address", f"127.0.0.1:{port}", "--run_dir",
+                           str(tmp_path / "run"), "--tracking.progress", "false"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"})
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: config key flower.ray_address: nothing answers at 127.0.0.1:{port}")
+    assert "ray start --head" in lines[0] and "timeout" not in lines[0].replace("waited up to", "")
+    assert not (tmp_path / "run").exists()  # refused before a run directory is made: nothing to --resume
+    for bad in ("localhost", "host:port", "http://x:1"):
+        with pytest.raises(ConfigError, match=r"^config key flower\.ray_address: must be auto, HOST:PORT"):
+            tiny_config(tmp_path / "r", "--flower.ray_address", bad)
