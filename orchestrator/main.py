@@ -14,13 +14,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fl_sd.data import DataError  # noqa: E402
-from orchestrator.config import parse_args  # noqa: E402
 from orchestrator.errors import (CheckpointError, ConfigError, RunDirError, RunInterrupted,  # noqa: E402
                                  TrainingDiverged)
+from orchestrator.schema import check_keys  # noqa: E402  (no torch)
 
-#: The training stack (Lightning, torchvision) is loaded only once the command line is valid: a typo is reported
-#: without waiting for it.
+#: Loaded in steps, so that bad input is reported without waiting for what is not needed yet: the config keys are
+#: checked from the schema alone (orchestrator.schema), then the full config (with the algorithm registry and
+#: torch) is parsed and validated, then the training stack (Lightning, torchvision) is loaded.
+CONFIG = "orchestrator.config"
 TRAINING_STACK = "orchestrator.runner"
 
 
@@ -33,9 +34,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("--resume RUN_DIR takes no other options: the run's own config.yaml is used")
             importlib.import_module(TRAINING_STACK).run(None, resume=argv[1])
         else:
-            cfg, _ = parse_args(argv)
+            check_keys(argv)
+            cfg, _ = importlib.import_module(CONFIG).parse_args(argv)
             importlib.import_module(TRAINING_STACK).run(cfg)
-    except (ConfigError, DataError, CheckpointError, RunDirError) as err:
+    except (ConfigError, CheckpointError, RunDirError, *_data_errors()) as err:
         return _fail(f"error: {err}")
     except TrainingDiverged as err:
         return _fail(f"error: training diverged at {err}; lower federation.lr or check the data. "
@@ -47,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # before the run directory exists: nothing to resume
         return _fail("interrupted before the run started", code=130)
     return 0
+
+
+def _data_errors() -> tuple[type, ...]:
+    """fl_sd.data's DataError once the data layer is loaded (importing it here would load torch up front)."""
+    sources = sys.modules.get("fl_sd.data.sources")
+    return (sources.DataError,) if sources is not None else ()
 
 
 def cli() -> None:

@@ -130,3 +130,23 @@ def test_config_validation_does_not_load_the_training_stack():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_misspelt_key_is_reported_before_torch_is_loaded(tmp_path):
+    """``fl-sd`` checks the keys (command line and --config file) from orchestrator.schema alone: a typo costs no
+    torch / Lightning / Flower / W&B import. The key checks stay exact: a valid key passes on to the full parser."""
+    typo_yaml = tmp_path / "typo.yaml"
+    typo_yaml.write_text("federation:\n  roundz: 3\n")
+    for argv, needle in ((["--config", "configs/smoke.yaml", "--federation.roundz", "3"], "--federation.roundz"),
+                         (["--config", "configs/smoke.yaml", "--data.num_client", "5"], "--data.num_client"),
+                         (["--config", str(typo_yaml)], "config key federation.roundz: unknown key")):
+        code = ("import sys; sys.path.insert(0, '.'); from orchestrator.main import main; "
+                f"rc = main({argv!r}); "
+                "print(rc, [m for m in ('torch', 'lightning', 'flwr', 'wandb') if m in sys.modules])")
+        out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert out.stdout.strip() == "2 []", (argv, out.stdout, out.stderr)
+        assert out.stderr.count("\n") == 1 and needle in out.stderr, out.stderr
+    from orchestrator.schema import check_keys
+
+    check_keys(["--model.options.width", "8", "--algorithm.ditto.lam", "2", "--algorithm.ditto", "{lam: 1}",
+                "--flower.ray_init_args.num_cpus=2", "--data.synthetic.num_classes", "5", "--print_config"])
