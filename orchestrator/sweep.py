@@ -52,7 +52,7 @@ MAIN = Path(__file__).with_name("main.py")
 SWEEP_RUN_FILE = "sweep_run.json"
 LOG_FILE = "sweep.log"
 LOCK_FILE = ".sweep.lock"
-#: config keys that do not change a run's numbers (left out when a run directory is checked against the grid)
+#: the keys a sweep YAML may hold (any other key is refused as a typo before anything runs)
 SPEC_KEYS = {"out", "seeds", "workers", "threads", "baseline", "args", "algorithms", "cells"}
 
 

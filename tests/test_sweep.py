@@ -116,3 +116,19 @@ def test_a_typo_in_the_grid_stops_before_any_run(tmp_path):
     with pytest.raises(SweepError, match=r"^cell c, algorithm mhmd, seed 1: .*federation\.rouds"):
         check_jobs(plan(spec))
     assert not (tmp_path / "typo").exists()
+
+
+def test_a_labelled_variant_of_one_algorithm_is_its_own_column(tmp_path):
+    """``mhmd_detach: {name: mhmd, args: {algorithm.loss_options.detach_teacher: true}}`` runs mhmd with the option,
+    next to plain mhmd, in its own directory and W&B job type (fl-sd-compare labels runs by sweep_run.json)."""
+    from orchestrator.config import parse_args
+
+    path = write_spec(tmp_path, tmp_path / "grid", seeds=[3], algorithms=[
+        "mhmd", {"mhmd_detach": {"name": "mhmd", "args": {"algorithm.loss_options.detach_teacher": True}}}])
+    plain, detached = plan(load_spec(path))
+    assert (plain.label, detached.label) == ("mhmd", "mhmd_detach")
+    assert detached.run_dir == tmp_path / "grid/smoke/mhmd_detach/s3" and plain.run_dir != detached.run_dir
+    configs = [parse_args(list(job.args))[0] for job in (plain, detached)]
+    assert [c.algorithm.name for c in configs] == ["mhmd", "mhmd"]
+    assert [c.loss_options().get("detach_teacher") for c in configs] == [None, True]
+    assert [c.tracking.job_type for c in configs] == ["mhmd", "mhmd_detach"]
