@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from fed_fixtures import REPO, tiny_config
+from fed_fixtures import REPO, TINY, tiny_config
 from orchestrator import checkpoint as ckpt
 from orchestrator.errors import TrainingDiverged
 from orchestrator.main import main
@@ -161,3 +161,57 @@ def test_existing_run_dir_refused_and_corrupt_or_mismatched_checkpoint(tmp_path,
     assert len(err.splitlines()) == 1 and "corrupt" in err
 
 
+
+
+
+# -- divergence without NaN, Ctrl-C, the closing line --------------------------------------------------------------
+def test_divergence_without_nan_stops_the_run_with_exit_3(tmp_path, capsys):
+    """FedAvg at lr 50 on the smoke federation blows up without a NaN (loss 568 -> 1e13, exit 0 before): the loss bound
+    stops it; with the loss bound off, the weight bound does."""
+    huge = ["--algorithm.name", "fedavg", "--federation.lr", "50", "--personalization.epochs", "1"]
+    with pytest.raises(TrainingDiverged, match=r"federation\.diverge_loss 1000"):
+        run(tiny_config(tmp_path / "loss", *huge))
+    with pytest.raises(TrainingDiverged, match=r"federation\.diverge_weight 1000"):
+        run(tiny_config(tmp_path / "weight", *huge, "--federation.diverge_loss", "null",
+                        "--federation.diverge_weight", "1000"))
+    smoke = str(REPO / "configs" / "smoke.yaml")
+    assert main(["--config", smoke, *huge, "--run_dir", str(tmp_path / "cli"), "--tracking.progress", "false",
+                 "--tracking.plots", "false", "--tracking.wandb", "disabled"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: training diverged at round 1") and "diverge_loss" in err[0]
+    assert not (tmp_path / "cli" / "results.json").exists()
+
+
+def test_ctrl_c_names_the_real_run_directory(tmp_path, capsys, monkeypatch):
+    from orchestrator.federation import Federation
+
+    real_round, calls = Federation.run_round, {"n": 0}
+
+    def run_round(self, backend):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_round(self, backend)
+
+    monkeypatch.setattr(Federation, "run_round", run_round)
+    run_dir = tmp_path / "run"
+    smoke = str(REPO / "configs" / "smoke.yaml")
+    assert main(["--config", smoke, "--run_dir", str(run_dir), "--tracking.progress", "false", "--tracking.plots",
+                 "false", "--tracking.wandb", "disabled"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: stopped by Ctrl-C"), err
+    assert err[0].endswith(f"--resume {run_dir}") and "RUN_DIR" not in err[0]
+
+
+def test_closing_line_and_the_resolved_wandb_mode_are_stored(tmp_path, capsys, monkeypatch):
+    """The run ends with one line saying where its results and checkpoint are; config.yaml stores the W&B mode the
+    run resolved (not null), so a resume tracks as the start did whatever $WANDB_MODE says then."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    cfg = tiny_config(tmp_path / "run", *TINY, "--federation.rounds", "2", "--tracking.wandb", "null")
+    assert cfg.tracking.wandb is None
+    run(cfg)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("done: personalised") and str(tmp_path / "run" / "results.json") in out[-1]
+    assert str(tmp_path / "run" / CHECKPOINT_FILE) in out[-1]
+    stored = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert stored["tracking"]["wandb"] == "disabled"
