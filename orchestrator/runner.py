@@ -35,7 +35,9 @@ class StopSignals:
 
     def __init__(self):
         self.requested: str | None = None
-        self.immediate = False
+        #: stop at once (no round to finish): until the round loop starts (e.g. while a Flower backend starts,
+        #: which can wait minutes) and during personalisation
+        self.immediate = True
         self._previous = None
 
     def _on_term(self, signum, frame):
@@ -146,11 +148,12 @@ def _drive(cfg: Config, fed: Federation, meta: dict[str, Any], run_dir: Path, st
     if server.round < f.rounds and server.personalization is not None:
         server.personalization = None  # more rounds were asked for: personalise the new model again
     tracker = Tracker(cfg, run_dir, f.rounds, server.round)
-    if backend_factory is None:
-        backend = make_backend(cfg.backend, cfg, run_dir, fed.runtime, fed.algorithm)
-    else:
-        backend = backend_factory(cfg, run_dir, fed.runtime, fed.algorithm)
+    backend = None
     try:
+        if backend_factory is None:
+            backend = make_backend(cfg.backend, cfg, run_dir, fed.runtime, fed.algorithm)
+        else:
+            backend = backend_factory(cfg, run_dir, fed.runtime, fed.algorithm)
         if server.round == 0:
             tracker.message(f"run {cfg.name}: {cfg.algorithm.name}, {cfg.model.name} on {cfg.data.dataset}, "
                             f"{cfg.data.num_clients} clients ({cfg.clients_per_round}/round), {f.rounds} rounds, "
@@ -158,6 +161,9 @@ def _drive(cfg: Config, fed: Federation, meta: dict[str, Any], run_dir: Path, st
         else:
             tracker.message(f"resuming {run_dir} after round {server.round}")
         tracker.replay(server.round_log, server.history)
+        stop.immediate = False  # from here a SIGTERM lets the round finish and checkpoints it
+        if stop.requested:  # asked for before the loop could honour it
+            raise RunInterrupted(stop.requested, run_dir, server.round, False)
         while server.round < f.rounds:
             if stop_after is not None and server.round >= stop_after:
                 return {}
@@ -183,5 +189,6 @@ def _drive(cfg: Config, fed: Federation, meta: dict[str, Any], run_dir: Path, st
         tracker.finish(results)
         return results
     finally:
-        backend.close()
+        if backend is not None:
+            backend.close()
         tracker.close()

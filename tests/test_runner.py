@@ -215,3 +215,24 @@ def test_closing_line_and_the_resolved_wandb_mode_are_stored(tmp_path, capsys, m
     assert str(tmp_path / "run" / CHECKPOINT_FILE) in out[-1]
     stored = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert stored["tracking"]["wandb"] == "disabled"
+
+
+
+def test_sigterm_while_the_backend_starts_stops_at_once(tmp_path):
+    """A backend can take minutes to start (Flower waiting for Ray): a SIGTERM then stops the run at once (nothing
+    to finish; the run directory resumes from its last checkpoint), instead of waiting for a round to end."""
+    from orchestrator.backends import make_backend
+
+    def slow_start(cfg, run_dir, runtime, algorithm):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        return make_backend("inprocess", cfg, run_dir, runtime, algorithm)
+
+    cfg = tiny_config(tmp_path / "run", *TINY, "--federation.rounds", "3")
+    from orchestrator.errors import RunInterrupted
+
+    with pytest.raises(RunInterrupted) as info:
+        run(cfg, backend_factory=slow_start)
+    assert info.value.round == 0 and not info.value.checkpointed and not (tmp_path / "run" / CHECKPOINT_FILE).exists()
+    assert f"--resume {tmp_path / 'run'}" in str(info.value)
+    assert run(None, resume=tmp_path / "run")["rounds"] == 3  # a run stopped before its first round resumes
