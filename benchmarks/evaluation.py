@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--running-stats", nargs="+", default=["false", "true"], choices=["false", "true"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--floor-only", action="store_true", help="time only the bare loops (choosing a batch size)")
     args = parser.parse_args()
     rows = []
     for model in args.models:
@@ -81,12 +82,15 @@ def main() -> None:
                                         f"test_per_class: {args.test_images // k}}}",
                     "--tracking.progress", "false", "--tracking.wandb", "disabled"])
                 fed = Federation(cfg, tmp, log=lambda *_: None)
-                fed.evaluate()  # warm-up
+                if args.floor_only:  # warm-up
+                    floor(fed, args.batch_sizes[0])
+                else:
+                    fed.evaluate()
                 ours, temps, floors = [], [], {b: [] for b in args.batch_sizes}
                 own_pass = batch_dependent(fed.runtime.net)  # the temperatures need their own pass
                 for _ in range(args.repeats):  # interleaved
-                    ours.append(timed(fed.evaluate, fed.device))
-                    if own_pass:
+                    ours.append(float("nan") if args.floor_only else timed(fed.evaluate, fed.device))
+                    if own_pass and not args.floor_only:
                         temps.append(timed(lambda: temperature_stats(fed.runtime, fed.server.global_state),
                                            fed.device))
                     for b in args.batch_sizes:
