@@ -6,6 +6,7 @@ import io
 import json
 import os
 import sys
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -77,6 +78,8 @@ class Tracker:
         self.wandb_mode = wandb_mode(cfg.tracking.wandb)
         #: the last round whose records reached W&B (kept in wandb_logged.txt: a resumed run replays the rest)
         self._wandb_logged = 0
+        #: the W&B run id when it runs offline (close() waits for its files)
+        self._wandb_offline_id: str | None = None
         if self.wandb_mode != "disabled":
             self._start_wandb(self.wandb_mode)
         if progress_enabled(cfg.tracking.progress):
@@ -97,6 +100,7 @@ class Tracker:
                 group=t.group, job_type=t.job_type, settings=wandb.Settings(init_timeout=60, silent=True))
             logged = self.run_dir / WANDB_LOGGED_FILE
             self._wandb_logged = int(logged.read_text().strip() or 0) if logged.exists() else 0
+            self._wandb_offline_id = run_id if mode == "offline" else None
             # after kill -9 the counter can run ahead of what W&B kept: trust the offline files / the server
             if mode == "offline":
                 self._wandb_logged = min(self._wandb_logged, last_offline_step(self.run_dir / "wandb", run_id))
@@ -247,9 +251,20 @@ class Tracker:
         if self.wandb is not None:
             try:
                 self.wandb.finish()
+                if self._wandb_offline_id is not None:
+                    self._wait_for_offline_files(self._wandb_offline_id)
             except Exception:  # noqa: BLE001
                 pass
             self.wandb = None
+
+    def _wait_for_offline_files(self, run_id: str, timeout_s: float = 30.0) -> None:
+        """``finish()`` can return before W&B's service process has written the offline run file (seen under CPU
+        load): wait, bounded, until the file holds the last logged round, so that a resume or ``wandb sync`` right
+        after this process sees every round."""
+        deadline = time.monotonic() + timeout_s
+        while (last_offline_step(self.run_dir / "wandb", run_id) < self._wandb_logged
+               and time.monotonic() < deadline):
+            time.sleep(0.1)
 
 
 def closing_line(run_dir: Path, results: dict[str, Any], plots: list[Path], wandb_folder: Path | None) -> str:

@@ -61,7 +61,10 @@ def test_wandb_offline_kill_9_and_resume_keeps_every_round_in_the_run_history(tm
     """kill -9 mid-run, then --resume: the resumed run is the same W&B run (one id) and its history holds every round
     once, in order (rounds the killed process logged are not sent again; the others are replayed or trained)."""
     run_dir = tmp_path / "run"
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    # no WANDB_* from this process: an earlier in-process wandb.init leaves WANDB_SERVICE (its service's address) in
+    # os.environ, and children would then write through this process's W&B service instead of their own
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("WANDB_")},
+           "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     main = [sys.executable, str(REPO / "orchestrator" / "main.py")]
     victim = subprocess.Popen(main + ["--config", "configs/smoke.yaml", "--federation.rounds", "5",
                                       "--checkpoint.every", "2", "--personalization.epochs", "1", "--run_dir",
