@@ -35,6 +35,9 @@ class RunInterrupted(Exception):
 
     def __init__(self, signal_name: str, run_dir, round_idx: int, checkpointed: bool):
         self.signal_name, self.run_dir, self.round, self.checkpointed = signal_name, run_dir, round_idx, checkpointed
+        if run_dir is None:  # before a run directory held anything (imports, data loading)
+            super().__init__(f"stopped by {signal_name} before the run started (nothing to resume); start it again")
+            return
         saved = (f"checkpoint of round {round_idx} saved" if checkpointed
                  else "the last checkpoint is intact")
         super().__init__(f"stopped by {signal_name} ({saved}); continue with --resume {run_dir}")

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
@@ -27,6 +29,27 @@ TRAINING_STACK = "orchestrator.runner"
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    previous = _stop_on_sigterm()
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_on_sigterm():
+    """Until the runner installs its own handler: SIGTERM (while torch loads, say) ends with one line, not silently.
+    Returns the previous handler (None outside the main thread, where signals cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        raise RunInterrupted("SIGTERM", None, -1, False)
+
+    return signal.signal(signal.SIGTERM, stop)
+
+
+def _main(argv: list[str]) -> int:
     try:
         if "--resume" in argv:
             i = argv.index("--resume")

@@ -63,6 +63,12 @@ def run(cfg: Config | None, resume: str | os.PathLike | None = None, stop_after:
     ``backend_factory(cfg, run_dir, runtime, algorithm)`` replaces the configured backend (the deployment ServerApp
     passes one that talks to Flower's Grid).
     """
+    with StopSignals() as stop:  # from the start: a SIGTERM while the data loads also ends with one line
+        return _run(cfg, resume, stop_after, backend_factory, stop)
+
+
+def _run(cfg: Config | None, resume, stop_after: int | None, backend_factory: Callable | None,
+         stop: StopSignals) -> dict[str, Any]:
     if resume is not None:
         run_dir = Path(resume)
         read_run_config(run_dir)  # a clear line for a missing / non-run directory before anything else
@@ -70,6 +76,9 @@ def run(cfg: Config | None, resume: str | os.PathLike | None = None, stop_after:
         try:
             cfg, fed, meta = _reopen(run_dir)
             check_backend(cfg)
+        except RunInterrupted as err:
+            lock.release()
+            raise RunInterrupted(err.signal_name, run_dir, -1, False) from None
         except BaseException:
             lock.release()
             raise
@@ -93,8 +102,7 @@ def run(cfg: Config | None, resume: str | os.PathLike | None = None, stop_after:
             remove_failed_start(run_dir, created)
             raise
     try:
-        with StopSignals() as stop:
-            return _drive(cfg, fed, meta, run_dir, stop, stop_after, backend_factory)
+        return _drive(cfg, fed, meta, run_dir, stop, stop_after, backend_factory)
     except KeyboardInterrupt:
         raise RunInterrupted("Ctrl-C", run_dir, fed.server.round, False) from None
     except RunInterrupted as err:

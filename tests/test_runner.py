@@ -236,3 +236,28 @@ def test_sigterm_while_the_backend_starts_stops_at_once(tmp_path):
     assert info.value.round == 0 and not info.value.checkpointed and not (tmp_path / "run" / CHECKPOINT_FILE).exists()
     assert f"--resume {tmp_path / 'run'}" in str(info.value)
     assert run(None, resume=tmp_path / "run")["rounds"] == 3  # a run stopped before its first round resumes
+
+
+def test_sigterm_while_the_data_loads_ends_with_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """SIGTERM before the round loop's handler exists (here: while the Federation loads its data) is not a silent
+    death: exit 143, one line saying nothing is to be resumed, no half-made run directory, and the caller's own
+    SIGTERM handler back in place afterwards."""
+    from orchestrator import runner
+
+    real = runner.Federation
+
+    def slow_load(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises here
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "Federation", slow_load)
+    before = signal.getsignal(signal.SIGTERM)
+    run_dir = tmp_path / "run"
+    smoke = str(REPO / "configs" / "smoke.yaml")
+    assert main(["--config", smoke, "--run_dir", str(run_dir), "--tracking.progress", "false", "--tracking.wandb",
+                 "disabled"]) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: stopped by SIGTERM before the run started (nothing to resume); start it again"], err
+    assert not run_dir.exists()
+    assert signal.getsignal(signal.SIGTERM) == before
