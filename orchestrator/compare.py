@@ -65,12 +65,7 @@ def find_runs(paths: list[Path], notes: list[str] | None = None) -> list[RunReco
     algorithm that are not one experiment (their configs differ in more than the seed and
     ``fingerprint.NOT_EXPERIMENT``) are not pooled: each experiment's algorithm gets a ``[key=value]`` suffix naming
     the keys that differ, and a line saying so is appended to ``notes``."""
-    dirs: list[Path] = []
-    for path in paths:
-        if not path.exists():
-            raise RunDirError(f"{path}: no such file or directory")
-        found = [path] if (path / RESULTS_FILE).exists() else sorted(p.parent for p in path.rglob(RESULTS_FILE))
-        dirs += [d for d in found if d not in dirs]
+    dirs = result_dirs(paths)
     candidates: dict[tuple[str, str], list[tuple[dict, tuple]]] = defaultdict(list)
     for run_dir in dirs:
         found_run = read_finished_run(run_dir, REQUIRED)
@@ -120,9 +115,16 @@ REQUIRED = ("seed", "data.dataset", "data.partition", "data.num_clients", "feder
             "federation.local_epochs", "federation.rounds", "model.name", "algorithm.name")
 
 
-def _result_dirs(paths: list[Path]) -> list[Path]:
-    return [p.parent for path in paths for p in ([path / RESULTS_FILE] if (path / RESULTS_FILE).exists()
-                                                 else path.rglob(RESULTS_FILE))]
+def result_dirs(paths: list[Path]) -> list[Path]:
+    """The run directories (holding a ``results.json``) that are, or lie below, ``paths``: each once, in the order
+    of ``paths`` and sorted below each; a path that does not exist is an error."""
+    dirs: list[Path] = []
+    for path in paths:
+        if not path.exists():
+            raise RunDirError(f"{path}: no such file or directory")
+        found = [path] if (path / RESULTS_FILE).exists() else sorted(p.parent for p in path.rglob(RESULTS_FILE))
+        dirs += [d for d in found if d not in dirs]
+    return dirs
 
 
 def _grouped(records: list[RunRecord]) -> dict[str, dict[str, list[RunRecord]]]:
@@ -256,7 +258,7 @@ def compare(paths: list[Path], baseline: str | None = None, out: Path | None = N
     notes: list[str] = []
     records = find_runs(paths, notes)
     if not records:
-        finished = _result_dirs(paths)
+        finished = result_dirs(paths)
         raise RunDirError(f"no fine-tuned runs (results.json with personalisation) in {' '.join(map(str, paths))}"
                           + (f": the {len(finished)} finished runs there ran without personalisation "
                              "(personalization.enabled: false); fl-sd-compare compares personalised accuracy, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from orchestrator import compare
@@ -54,3 +55,14 @@ def test_no_fine_tuned_runs_and_damaged_files_are_one_line(tmp_path, capsys):
     assert compare.main([str(tmp_path / "q"), "--no-plots"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "has no model.name" in err
+
+
+def test_result_dirs_finds_each_run_once_and_names_a_missing_path(tmp_path):
+    a = fake_run(tmp_path / "sweep", "a")
+    b = fake_run(tmp_path / "sweep" / "deeper", "b", personalized=False)  # finished without personalisation: listed
+    (tmp_path / "sweep" / "empty").mkdir()
+    # a path given twice, and a run given both directly and through its parent, are one directory each
+    assert compare.result_dirs([tmp_path / "sweep", a, tmp_path / "sweep"]) == sorted([a, b])
+    assert compare.result_dirs([b]) == [b]
+    with pytest.raises(compare.RunDirError, match="nowhere: no such file or directory"):
+        compare.result_dirs([tmp_path / "nowhere"])
