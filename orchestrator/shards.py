@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fl_sd.data import DataError, ImageDataset, Partition
+from fl_sd.data import DataError, ImageDataset, Partition, read_npz
 from fl_sd.io import atomic_write
 
 from .algorithms import Algorithm
@@ -32,6 +32,9 @@ from .config import Config, load_config
 from .errors import ConfigError
 
 FORMAT_VERSION = 1
+#: the arrays of a shard file
+SHARD_KEYS = ("format_version", "client", "num_clients", "digest", "name", "num_classes", "mean", "std",
+              "train_images", "train_labels", "test_images", "test_labels")
 
 
 def shard_file(client: int) -> str:
@@ -79,23 +82,21 @@ def export_shards(cfg: Config, out_dir: str | Path, partition: Partition | None 
 
 
 def load_shard(path: str | Path) -> Shard:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"client data {path} does not exist; export it with python -m orchestrator.shards "
-                        "--config CONFIG --out DIR and pass data-path=\"DIR/client_<c>.npz\" in --node-config")
+    z = read_npz(path, SHARD_KEYS, "client data", remake="export it again",
+                 where="export it with python -m orchestrator.shards --config CONFIG --out DIR and pass "
+                       "data-path=\"DIR/client_<c>.npz\" in --node-config")
+    version = int(z["format_version"])
+    if version != FORMAT_VERSION:
+        raise DataError(f"client data {str(path)!r}: format version {version}, this fl-sd reads {FORMAT_VERSION}; "
+                        "fix: export it again")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            version = int(z["format_version"])
-            if version != FORMAT_VERSION:
-                raise DataError(f"client data {path}: format version {version}, this fl-sd reads {FORMAT_VERSION}; "
-                                "export it again")
-            dataset = ImageDataset(name=str(z["name"]), train_images=z["train_images"],
-                                   train_labels=z["train_labels"].astype(np.int64), test_images=z["test_images"],
-                                   test_labels=z["test_labels"].astype(np.int64), num_classes=int(z["num_classes"]),
-                                   mean=tuple(float(v) for v in z["mean"]), std=tuple(float(v) for v in z["std"]))
-            return Shard(int(z["client"]), int(z["num_clients"]), str(z["digest"]), dataset)
-    except (KeyError, ValueError, OSError) as err:
-        raise DataError(f"client data {path} is not an fl-sd client shard ({err}); export it again") from None
+        dataset = ImageDataset(name=str(z["name"]), train_images=z["train_images"],
+                               train_labels=z["train_labels"].astype(np.int64), test_images=z["test_images"],
+                               test_labels=z["test_labels"].astype(np.int64), num_classes=int(z["num_classes"]),
+                               mean=tuple(float(v) for v in z["mean"]), std=tuple(float(v) for v in z["std"]))
+        return Shard(int(z["client"]), int(z["num_clients"]), str(z["digest"]), dataset)
+    except (TypeError, ValueError) as err:
+        raise DataError(f"client data {str(path)!r} is not an fl-sd client shard ({err}); fix: export it again") from None
 
 
 def shard_runtime(cfg: Config, algorithm: Algorithm, shard: Shard, device: torch.device) -> ClientRuntime:

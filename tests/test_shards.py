@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fed_fixtures import tiny_config
+from fl_sd.data import DataError
 from orchestrator.algorithms.context import ClientJob
 from orchestrator.build import load_data, make_algorithm
 from orchestrator.clients import run_client
@@ -49,8 +50,15 @@ def test_shards_command_and_errors(tmp_path, capsys):
     assert main(["--config", "configs/smoke.yaml", "--data.num_clients", "3", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: shards_per_client=2 x num_clients=3") and err.count("\n") == 1
-    with pytest.raises(Exception, match=r"client data .* does not exist; export it with python -m orchestrator"):
+    with pytest.raises(Exception, match=r"client data .* does not exist; fix: export it with python -m orchestrator"):
         load_shard(tmp_path / "client_9.npz")
+    bad = tmp_path / "client_0.npz"
+    bad.write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(DataError, match=r"client data .* is not a readable .npz file .*; fix: export it again$"):
+        load_shard(bad)
+    np.savez(bad, format_version=np.int64(1), client=np.int64(0))
+    with pytest.raises(DataError, match=r"client data .* lacks key\(s\) \['num_clients'.*; fix: export it again$"):
+        load_shard(bad)
 
 
 @needs_flower

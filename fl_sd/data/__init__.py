@@ -9,13 +9,14 @@ device-resident batches with on-device augmentation.
 from .device import PADDING, DeviceData, client_batches, seeded_generator
 from .partition import PARTITION_KINDS, Partition, make_partition
 from .sources import (DATASET_NAMES, NORMALISATION, DataError, ImageDataset, channel_stats, load_dataset, load_npz,
-                      make_synthetic)
+                      make_synthetic, read_npz)
 
 __all__ = [
     "DataError",
     "ImageDataset",
     "load_dataset",
     "load_npz",
+    "read_npz",
     "channel_stats",
     "make_synthetic",
     "DATASET_NAMES",

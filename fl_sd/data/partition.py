@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..io import atomic_write
-from .sources import DataError
+from .sources import DataError, read_npz
 
 __all__ = ["Partition", "make_partition", "shard_partition", "dirichlet_partition", "iid_partition",
            "PARTITION_KINDS"]
@@ -86,23 +86,8 @@ class Partition:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Partition":
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise DataError(f"partition file {path!r} does not exist; fix: check the path or re-create the partition")
-        try:
-            z = np.load(path, allow_pickle=False)
-            if not isinstance(z, np.lib.npyio.NpzFile):
-                raise DataError(f"partition file {path!r} is not an .npz archive; fix: re-create the partition")
-            with z:
-                need = ("train_indices", "train_offsets", "test_indices", "test_offsets")
-                missing = [k for k in need if k not in z.files]
-                if missing:
-                    raise DataError(f"partition file {path!r} lacks {missing}; fix: re-create the partition")
-                arr = {k: z[k] for k in z.files}
-        except DataError:
-            raise
-        except Exception as err:  # noqa: BLE001 - np.load raises many types on garbage
-            raise DataError(f"partition file {path!r} is corrupt ({type(err).__name__}: {err}); "
-                            f"fix: delete it and re-create the partition") from None
+        arr = read_npz(path, ("train_indices", "train_offsets", "test_indices", "test_offsets"), "partition file",
+                       where="check the path or re-create the partition", remake="delete it and re-create the partition")
         version = int(arr.get("format_version", _FORMAT_VERSION))
         if version > _FORMAT_VERSION:
             raise DataError(f"partition file {path!r} has format {version} (> {_FORMAT_VERSION}); fix: update fl-sd")

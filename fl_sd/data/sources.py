@@ -14,7 +14,7 @@ import urllib.error
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -299,6 +299,31 @@ def _first_line(err: BaseException | None) -> str:
 # .npz arrays
 
 
+def read_npz(path: str | os.PathLike, required: Sequence[str], what: str, where: str, remake: str,
+             keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` (None: all; a key the file lacks is left out) of the .npz archive at ``path``, read into
+    memory and the file closed, after checking it holds ``required``. Every failure is one :class:`DataError` line
+    naming ``what`` and the path: missing (``fix: <where>``), a single .npy array, missing keys or an unreadable
+    archive (``fix: <remake>``). No pickles are loaded."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"{what} {path!r} does not exist; fix: {where}")
+    try:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise DataError(f"{what} {path!r} is a single .npy array, not an .npz archive; fix: {remake}")
+        with z:
+            missing = [k for k in required if k not in z.files]
+            if missing:
+                raise DataError(f"{what} {path!r} lacks key(s) {missing} (has {sorted(z.files)}); fix: {remake}")
+            return {k: z[k] for k in (z.files if keys is None else keys) if k in z.files}
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - np.load raises many types on garbage (ValueError, BadZipFile, OSError...)
+        raise DataError(f"{what} {path!r} is not a readable .npz file ({type(err).__name__}: {_first_line(err)}); "
+                        f"fix: {remake}") from None
+
+
 _NPZ_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
 
 
@@ -310,24 +335,9 @@ def load_npz(path: str | os.PathLike) -> ImageDataset:
     computed from the training images (pass ``mean``/``std`` to :func:`load_dataset` to override).
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise DataError(f"npz file {path!r} does not exist; fix: check dataset path=")
-    try:
-        z = np.load(path, allow_pickle=False)
-        if not isinstance(z, np.lib.npyio.NpzFile):
-            raise DataError(f"{path!r} is a single .npy array, not an .npz archive; fix: save with numpy.savez")
-        with z:
-            missing = [k for k in _NPZ_KEYS if k not in z.files]
-            if missing:
-                raise DataError(f"{path!r} lacks key(s) {missing} (has {sorted(z.files)}); fix: save arrays "
-                                f"{list(_NPZ_KEYS)} with numpy.savez")
-            arrays = {k: z[k] for k in _NPZ_KEYS}
-            classes = z["classes"] if "classes" in z.files else None
-    except DataError:
-        raise
-    except Exception as err:  # noqa: BLE001 - np.load raises many types on garbage (ValueError, BadZipFile, OSError...)
-        raise DataError(f"{path!r} is not a readable .npz file ({type(err).__name__}: {_first_line(err)}); "
-                        f"fix: regenerate it with numpy.savez") from None
+    arrays = read_npz(path, _NPZ_KEYS, "npz file", where="check dataset path=",
+                      remake=f"save arrays {list(_NPZ_KEYS)} with numpy.savez", keys=_NPZ_KEYS + ("classes",))
+    classes = arrays.pop("classes", None)
 
     for split in ("train", "test"):
         x = arrays[f"{split}_images"]
