@@ -40,10 +40,12 @@ CASES: dict[str, tuple[str, list[str]]] = {
         "--federation.rounds", "4", "--federation.eval_every", "2", "--personalization.epochs", "2"]),
 }
 
+#: Results fields that are wall-clock times, not training outcomes.
 TIMING_KEYS = {"seconds"}
 
 
 def strip_timing(obj):
+    """``obj`` without its wall-clock fields (``TIMING_KEYS``), at every depth."""
     if isinstance(obj, dict):
         return {k: strip_timing(v) for k, v in obj.items() if k not in TIMING_KEYS}
     if isinstance(obj, list):

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from fed_fixtures import REPO, tiny_config
+from golden_runs import strip_timing
 from orchestrator.algorithms import list_algorithms
 from orchestrator.algorithms.context import ClientJob
 from orchestrator.clients import run_client
@@ -25,18 +26,6 @@ from orchestrator.federation import Federation
 HAVE_FLOWER = importlib.util.find_spec("flwr") is not None and importlib.util.find_spec("ray") is not None
 needs_flower = pytest.mark.skipif(not HAVE_FLOWER, reason="Flower is not installed: pip install -e \".[flower]\" "
                                   "(flwr[simulation] with Ray) to test the flower backend")
-
-#: Results fields that are wall-clock times, not training outcomes.
-TIMING_KEYS = {"seconds"}
-
-
-def strip_timing(obj):
-    if isinstance(obj, dict):
-        return {k: strip_timing(v) for k, v in obj.items() if k not in TIMING_KEYS}
-    if isinstance(obj, list):
-        return [strip_timing(v) for v in obj]
-    return obj
-
 
 # -- the ClientApp, called directly (no Ray) --------------------------------------------------------------------------
 def _train_message(fed, client, round_idx, lr, own=None):

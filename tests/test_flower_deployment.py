@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from fed_fixtures import REPO, tiny_config
-from test_flower import needs_flower, strip_timing
+from golden_runs import strip_timing
+from test_flower import needs_flower
 
 sys.path.insert(0, str(REPO / "deploy"))
 

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from fed_fixtures import tiny_config
-from test_flower import needs_flower, strip_timing
+from golden_runs import strip_timing
+from test_flower import needs_flower
 
 OBJECT_STORE = 80 * 1024 * 1024  # bytes per node: Ray's minimum is 75 MiB
 LOOPBACK = "127.0.0.2"
