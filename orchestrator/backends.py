@@ -36,20 +36,24 @@ class InProcessBackend:
 
 
 class BatchedBackend:
-    """Trains a round's clients as one computation (``lightning_modules.batched``), in chunks of ``max_clients``
-    (0: all at once), on the runtime's device."""
+    """Trains a round's clients as one computation (``lightning_modules.batched``), in the runtime's chunks
+    (``batched.max_clients``, 0: all at once; halved when a chunk does not fit: ``orchestrator.chunks``), on the
+    runtime's device."""
 
     name = "batched"
 
-    def __init__(self, runtime: ClientRuntime, algorithm: Algorithm, max_clients: int = 0):
+    def __init__(self, runtime: ClientRuntime, algorithm: Algorithm):
         if not algorithm.batchable:
             raise ValueError(f"algorithm {algorithm.name} cannot run on the batched engine; use backend inprocess")
-        self.runtime, self.algorithm, self.max_clients = runtime, algorithm, max_clients
+        if runtime.chunks is None:
+            raise ValueError("the batched backend needs a runtime built for it (backend: batched in its config)")
+        self.runtime, self.algorithm = runtime, algorithm
 
     def run_clients(self, jobs: list[ClientJob], global_state: State, on_result: Callable[[ClientResult], None]) -> None:
-        size = self.max_clients or len(jobs)
-        for start in range(0, len(jobs), size):
-            for result in run_clients_batched(self.runtime, self.algorithm, jobs[start:start + size], global_state):
+        chunks = self.runtime.chunks  # at most batched.max_clients, halved when a chunk runs out of memory
+        for results in chunks.run(jobs, lambda chunk: run_clients_batched(self.runtime, self.algorithm, chunk,
+                                                                          global_state)):
+            for result in results:
                 on_result(result)
 
     def close(self) -> None:
@@ -61,7 +65,7 @@ def _inprocess(cfg: Config, run_dir, runtime: ClientRuntime, algorithm: Algorith
 
 
 def _batched(cfg: Config, run_dir, runtime: ClientRuntime, algorithm: Algorithm) -> BatchedBackend:
-    return BatchedBackend(runtime, algorithm, cfg.batched.max_clients)
+    return BatchedBackend(runtime, algorithm)
 
 
 def _flower(cfg: Config, run_dir, runtime: ClientRuntime, algorithm: Algorithm):

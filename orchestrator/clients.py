@@ -20,6 +20,7 @@ from lightning_modules.client import ClientUpdate, MultiHeadClassifier
 
 from .algorithms import Algorithm
 from .algorithms.context import TRAIN_STREAM, Batch, ClientJob, State
+from .chunks import ClientChunks
 from .build import (build_network, check_partition, client_partition, load_data, loss_configs, precision_settings,
                     resolve_device)
 from .config import Config
@@ -39,7 +40,7 @@ class ClientRuntime:
     """Data on the device, the clients' index sets, one client module serving every client in turn."""
 
     def __init__(self, cfg: Config, algorithm: Algorithm, dataset: ImageDataset, partition: Partition,
-                 device: torch.device):
+                 device: torch.device, log: Callable[[str], None] = print):
         f = cfg.federation
         self.device = device
         self.seed = cfg.seed
@@ -55,8 +56,9 @@ class ClientRuntime:
                                      dtype=dtype)
         self.test_data = DeviceData(dataset.test_images, dataset.test_labels, dataset.mean, dataset.std, device,
                                     dtype=dtype)
-        #: clients per batched computation when evaluation and personalisation run batched (backend: batched), else 0
-        self.batch_clients = (cfg.batched.max_clients or self.num_clients) if cfg.backend == "batched" else 0
+        #: the batched engine's chunks of clients (backend: batched; halved when a chunk runs out of memory), else None
+        self.chunks = (ClientChunks(cfg.batched.max_clients or self.num_clients, log) if cfg.backend == "batched"
+                       else None)
         #: torch.compile mode of the batched step (batched.compile)
         self.compile = cfg.batched.compile
         self.train_sizes = partition.train_sizes()
@@ -79,11 +81,16 @@ class ClientRuntime:
 
     @classmethod
     def from_config(cls, cfg: Config, algorithm: Algorithm, partition: Partition | None = None,
-                    device: torch.device | None = None) -> "ClientRuntime":
+                    device: torch.device | None = None, log: Callable[[str], None] = print) -> "ClientRuntime":
         """Load the data (and make the partition unless given) as the config says."""
         dataset = load_data(cfg)
         partition = partition or client_partition(cfg, dataset)
-        return cls(cfg, algorithm, dataset, partition, device or resolve_device(cfg.device))
+        return cls(cfg, algorithm, dataset, partition, device or resolve_device(cfg.device), log)
+
+    @property
+    def batch_clients(self) -> int:
+        """Clients per batched computation when training, evaluation and personalisation run batched, else 0."""
+        return self.chunks.size if self.chunks is not None else 0
 
     # -- the ClientContext -------------------------------------------------------------------------------------------
     def batches(self, client: int, round_idx: int, epochs: int, stream: int = TRAIN_STREAM, *,

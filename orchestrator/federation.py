@@ -35,7 +35,7 @@ class Federation:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.algorithm = make_algorithm(cfg)
-        self.runtime = ClientRuntime.from_config(cfg, self.algorithm, partition, resolve_device(cfg.device))
+        self.runtime = ClientRuntime.from_config(cfg, self.algorithm, partition, resolve_device(cfg.device), log)
         self.server = Server(self.runtime.initial_state, cfg.federation.select,
                              model_description(cfg, self.runtime.net.num_classes), log)
         self.shared_keys = self.algorithm.shared_keys(self.runtime.body_keys, self.runtime.head_keys)

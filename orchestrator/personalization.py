@@ -67,18 +67,18 @@ def personalize(runtime: ClientRuntime, algorithm: Algorithm, settings: Personal
 def _personalize_batched(runtime: ClientRuntime, algorithm: Algorithm, settings: PersonalizationConfig, bs: int,
                          start_state: State, store: dict[int, State], start_round: int, lr: float,
                          curve: np.ndarray, tested: list[int]) -> None:
-    """:func:`personalize` with the batched engine: ``runtime.batch_clients`` clients fine-tune as one computation;
-    each is evaluated after every one of its epochs (its own momentum carries over, as sequentially)."""
-    keys, size = list(runtime.initial_state), runtime.batch_clients
-    for first in range(0, len(tested), size):
-        clients = tested[first:first + size]
+    """:func:`personalize` with the batched engine: a chunk of clients (``runtime.chunks``) fine-tunes as one
+    computation; each is evaluated after every one of its epochs (its own momentum carries over, as sequentially)."""
+    keys = list(runtime.initial_state)
+
+    def fine_tune(clients: list[int]) -> None:
         starts = [algorithm.client_model(runtime, ClientJob(c, start_round, lr, store.get(c)), start_state)
                   for c in clients]
         curve[0, clients] = stacked_scores(runtime, StackedModels.stack(starts, keys), clients)[0][0]
         if settings.epochs == 0:
-            continue
+            return
 
-        def on_epoch_end(done: list[tuple[int, int]], models: StackedModels, clients=clients) -> None:
+        def on_epoch_end(done: list[tuple[int, int]], models: StackedModels) -> None:
             ks = [k for k, _ in done]
             sub = models.select(torch.as_tensor(ks, device=runtime.device))
             accuracy = stacked_scores(runtime, sub, [clients[k] for k in ks])[0][0]
@@ -93,3 +93,5 @@ def _personalize_batched(runtime: ClientRuntime, algorithm: Algorithm, settings:
                 momentum=settings.momentum)
         except ClientFailed as err:
             raise TrainingDiverged(f"personalisation, client {clients[err.index]}: {err}") from None
+
+    runtime.chunks.run(tested, fine_tune)  # a chunk that runs out of memory is fine-tuned again in halves

@@ -175,7 +175,9 @@ class FlowerConfig:
 class BatchedConfig:
     """The batched engine (``backend: batched``): many clients trained and evaluated as one computation."""
 
-    max_clients: int = 0  #: clients per batched computation (chunks sized to memory); 0 = a whole round / all clients
+    #: clients per batched computation; 0 = a whole round / all clients; a chunk that runs out of device memory is
+    #: run again in halves (the run keeps the smaller size)
+    max_clients: int = 0
     #: torch.compile the batched step: off (eager) | default | reduce-overhead (CUDA graphs on a GPU) | max-autotune;
     #: compiled once per run (minutes on a CPU), then reused by every round
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"

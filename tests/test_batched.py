@@ -255,3 +255,30 @@ def test_compiled_step_equals_eager_and_is_reused():
 def test_compile_needs_the_batched_backend(tmp_path):
     with pytest.raises(ConfigError, match=r"batched\.compile: .*set backend: batched or compile: off"):
         tiny_config(tmp_path, "--batched.compile", "default")
+
+
+def test_a_round_and_fine_tuning_that_run_out_of_memory_continue_in_smaller_chunks(tmp_path, monkeypatch):
+    """backend batched with every client at once (max_clients 0) on a device where only 2 fit: the first round's
+    computation of 4 clients fails with an out-of-memory error, is run again as 2 + 2, and the run equals one with
+    batched.max_clients 2 from the start, bit for bit (training, evaluation, fine-tuning)."""
+    from orchestrator import clients
+
+    def two_fit(module, starts, *args, **kwargs):
+        if len(starts) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return batched_local_update(module, starts, *args, **kwargs)
+
+    want = run(tmp_path / "fixed", "batched", "--batched.max_clients", "2")
+    monkeypatch.setattr(clients, "batched_local_update", two_fit)
+    cfg = tiny_config(tmp_path / "auto", *TINY, "--backend", "batched")
+    lines: list[str] = []
+    fed = Federation(cfg, tmp_path / "auto", log=lines.append)
+    assert fed.runtime.batch_clients == 4
+    engine = make_backend("batched", cfg, fed.run_dir, fed.runtime, fed.algorithm)
+    logs = [fed.run_round(engine) for _ in range(3)]
+    got = (fed, logs, fed.evaluate(), fed.personalize())
+    assert fed.runtime.batch_clients == 2
+    assert [x for x in lines if "do not fit" in x] == [
+        "batched engine: 4 clients at once do not fit the device's memory; 2 per computation from now on "
+        "(set batched.max_clients: 2 to start there)"]
+    assert_same_federation(want, got, 1e-300)  # equal (the helper compares with "< tol")
