@@ -2,11 +2,14 @@
 temperatures) against the floor, a bare loop ``net(x)`` + argmax of every head over the same images, at several
 batch sizes. MobileNet on CIFAR-100-shaped synthetic data, 100 clients; BatchNorm with or without running statistics
 (without: each client's split is evaluated as its own batch, as the reference, and the temperatures need their own
-pass of the first 1000 images as one batch, timed apart as "of which temperatures"; the floor ignores both). fl-sd and the floors are interleaved in each
-repeat; the table gives medians. Results: docs/RESULTS.md, "Evaluation against its floor".
+pass of the first 1000 images as one batch, timed apart as "of which temperatures", unless --temperature-pass
+evaluation; the plain floors ignore both, the "split floor" is the bare loop over the client splits, the protocol's
+own floor). fl-sd and the floors are interleaved in each repeat; the table gives medians. Results: docs/RESULTS.md, "Evaluation against its floor".
 
     OMP_NUM_THREADS=1 python benchmarks/evaluation.py --models cnn4 mobilenet --test-images 2000
     OMP_NUM_THREADS=1 python benchmarks/evaluation.py --models cnn4 mobilenet --test-images 10000
+    OMP_NUM_THREADS=1 python benchmarks/evaluation.py --models cnn4 mobilenet --running-stats false \
+        --batch-sizes 50 100 --temperature-pass evaluation
 """
 from __future__ import annotations
 
@@ -51,6 +54,26 @@ def floor(fed: Federation, batch_size: int) -> float:
     return time.perf_counter() - t0
 
 
+@torch.no_grad()
+def split_floor(fed: Federation) -> float:
+    """The bare loop of the protocol for BatchNorm without running statistics: every client's test split as its own
+    batch(es) of at most ``eval_batch_size``, every head's argmax (what fl-sd cannot go below without other numbers)."""
+    net, data, runtime = fed.runtime.net, fed.runtime.test_data, fed.runtime
+    runtime.load(fed.server.global_state)
+    net.eval()
+    splits = [runtime.test_split(c) for c in range(runtime.num_clients)]
+    sync(fed.device)
+    t0 = time.perf_counter()
+    hits = torch.zeros((), device=fed.device)
+    for ix in splits:
+        for x, y in data.iterate(runtime.eval_batch_size, ix):
+            out = net(x)
+            for logits in (out.final, *out.aux):
+                hits += (logits.argmax(1) == y).sum()
+    sync(fed.device)
+    return time.perf_counter() - t0
+
+
 def timed(fn, device) -> float:
     sync(device)
     t0 = time.perf_counter()
@@ -68,6 +91,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--floor-only", action="store_true", help="time only the bare loops (choosing a batch size)")
+    parser.add_argument("--temperature-pass", default="reference", choices=["reference", "evaluation"],
+                        help="federation.temperature_pass (evaluation: no extra pass for batch-dependent BatchNorm)")
     args = parser.parse_args()
     rows = []
     for model in args.models:
@@ -80,14 +105,16 @@ def main() -> None:
                     "--data.partition", "iid", "--data.num_clients", "100",
                     "--data.synthetic", f"{{num_classes: {k}, train_per_class: {max(1, 1000 // k)}, "
                                         f"test_per_class: {args.test_images // k}}}",
-                    "--tracking.progress", "false", "--tracking.wandb", "disabled"])
+                    "--tracking.progress", "false", "--tracking.wandb", "disabled",
+                    "--federation.temperature_pass", args.temperature_pass])
                 fed = Federation(cfg, tmp, log=lambda *_: None)
                 if args.floor_only:  # warm-up
                     floor(fed, args.batch_sizes[0])
                 else:
                     fed.evaluate()
-                ours, temps, floors = [], [], {b: [] for b in args.batch_sizes}
-                own_pass = batch_dependent(fed.runtime.net)  # the temperatures need their own pass
+                ours, temps, floors, splits = [], [], {b: [] for b in args.batch_sizes}, []
+                dependent = batch_dependent(fed.runtime.net)  # each client's split its own batch
+                own_pass = dependent and args.temperature_pass == "reference"  # the temperatures' own pass
                 for _ in range(args.repeats):  # interleaved
                     ours.append(float("nan") if args.floor_only else timed(fed.evaluate, fed.device))
                     if own_pass and not args.floor_only:
@@ -95,21 +122,26 @@ def main() -> None:
                                            fed.device))
                     for b in args.batch_sizes:
                         floors[b].append(floor(fed, b))
+                    if dependent:
+                        splits.append(split_floor(fed))
                 medians = {b: statistics.median(v) for b, v in floors.items()}
                 best_b = min(args.batch_sizes, key=medians.get)
                 rows.append((model, stats, str(fed.device),
                              pass_images(cfg.federation.eval_batch_size, fed.device), statistics.median(ours),
-                             f"{statistics.median(temps):.2f}" if temps else "in the pass", medians, best_b))
+                             f"{statistics.median(temps):.2f}" if temps else "in the pass", medians, best_b,
+                             statistics.median(splits) if splits else None))
     print(f"\nthreads {torch.get_num_threads()}, {args.test_images} test images, 100 clients, median of "
           f"{args.repeats}\n")
     sizes = " | ".join(f"floor b={b} s" for b in args.batch_sizes)
+    print(f"temperature_pass {args.temperature_pass}\n")
     print(f"| model | BN running stats | device | fl-sd pass images | fl-sd evaluate s | of which temperatures s | "
-          f"{sizes} | fl-sd / best floor |")
-    print("|---" * (7 + len(args.batch_sizes)) + "|")
-    for model, stats, dev, images, ours, temp, floors, best_b in rows:
+          f"{sizes} | fl-sd / best floor | split floor s | fl-sd / split floor |")
+    print("|---" * (9 + len(args.batch_sizes)) + "|")
+    for model, stats, dev, images, ours, temp, floors, best_b, split in rows:
         cells = " | ".join(f"{floors[b]:.2f}" for b in args.batch_sizes)
+        tail = f"{split:.2f} | {ours / split:.2f}" if split else "- | -"
         print(f"| {model} | {stats} | {dev} | {images} | {ours:.2f} | {temp} | {cells} | "
-              f"{ours / floors[best_b]:.2f} (b={best_b}) |")
+              f"{ours / floors[best_b]:.2f} (b={best_b}) | {tail} |")
 
 
 if __name__ == "__main__":

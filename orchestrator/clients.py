@@ -47,6 +47,8 @@ class ClientRuntime:
         self.local_epochs = f.local_epochs
         self.batch_size = f.batch_size
         self.eval_batch_size = f.eval_batch_size
+        #: where the logged temperatures of a batch-dependent model come from (federation.temperature_pass)
+        self.temperature_pass = f.temperature_pass
         self.augment = cfg.data.augment
         self._base_lr, self._head_lr = f.lr, f.head_lr
         self.partition = check_partition(cfg, partition)

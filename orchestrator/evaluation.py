@@ -13,14 +13,13 @@ Speed (docs/RESULTS.md, "Evaluation against its floor"): where the images per fo
 (a model without batch-dependent BatchNorm), a pass on a CPU takes at most :data:`CPU_PASS_IMAGES` images, the measured per-image optimum; ``federation.eval_batch_size`` is the upper
 bound (and, for batch-dependent BatchNorm, the chunk a long split is cut into). The learned temperatures of the global
 model (:func:`temperature_stats`) come from the evaluation pass itself when it is one pass of that model over the
-test set (:func:`scores_and_temperatures`), not from a second forward pass.
+test set (``Scores.temperatures``, returned by :func:`shared_model`), not from a second forward pass.
 """
 from __future__ import annotations
 
 from contextlib import nullcontext
-from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
@@ -34,8 +33,24 @@ if TYPE_CHECKING:  # pragma: no cover
     from .clients import ClientRuntime
 
 State = dict[str, torch.Tensor]
-#: per-client accuracy and loss of every head: two (H, num_clients) arrays, accuracy in [0, 1]
-Scores = tuple[np.ndarray, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Per-client accuracy and loss of every head: two (H, num_clients) arrays, accuracy in [0, 1] (NaN for a client
+    without test data); unpacks and indexes as the pair ``(acc, loss)``. ``temperatures``: when every client was scored with one model, the
+    learned temperatures of that model (``{temp_aux<i>: mean}``) taken from the same forward passes, else None (the
+    federation then computes those of the global model with :func:`temperature_stats`)."""
+
+    acc: np.ndarray
+    loss: np.ndarray
+    temperatures: dict[str, float] | None = None
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return iter((self.acc, self.loss))
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return (self.acc, self.loss)[index]
 
 
 def head_names(net: MultiHeadNet) -> list[str]:
@@ -140,7 +155,7 @@ def split_means(results: list[tuple[torch.Tensor, torch.Tensor]]) -> Scores:
     """(H, clients) accuracy and loss from per-client (correct, loss) pairs; NaN for an empty split."""
     acc = torch.stack([c.double().mean(1) for c, _ in results], dim=1)
     loss = torch.stack([lo.double().mean(1) for _, lo in results], dim=1)
-    return acc.cpu().numpy(), loss.cpu().numpy()
+    return Scores(acc.cpu().numpy(), loss.cpu().numpy())
 
 
 def summarize(acc: np.ndarray, loss: np.ndarray, sizes: np.ndarray, names: list[str]) -> dict[str, float]:
@@ -163,46 +178,50 @@ def summarize(acc: np.ndarray, loss: np.ndarray, sizes: np.ndarray, names: list[
 def shared_model(runtime: "ClientRuntime", state: State) -> Scores:
     """Every client evaluated with the same model: one pass over the test set, grouped by client -- or, when the
     model's predictions depend on the batch (BatchNorm without running statistics), each client's split as its own
-    batch (``predict_splits``). Inside :func:`scores_and_temperatures` for this ``state``, the one pass also yields
-    the learned temperatures."""
+    batch (``predict_splits``). The scores carry the model's learned temperatures when they come from these passes
+    without changing their definition: from the one pass (the per-image values of the first
+    :data:`TEMPERATURE_IMAGES` test images are those of a separate pass); from the per-client passes only with
+    ``federation.temperature_pass: evaluation`` (see :func:`split_temperatures`). Not under autocast:
+    :func:`temperature_stats` runs without it."""
     runtime.load(state)
-    if batch_dependent(runtime.net):
-        return split_means(runtime.predict_each(range(runtime.num_clients)))
-    request = _TEMPERATURE_REQUEST.get()
-    wanted = (request is not None and request.runtime is runtime and request.state is state
-              and runtime.autocast is None)  # temperature_stats runs without autocast
-    correct, loss, temperatures = predict_with_temperatures(
-        runtime.net, runtime.test_data, None, runtime.eval_batch_size, runtime.autocast,
-        min(TEMPERATURE_IMAGES, len(runtime.test_data)) if wanted else 0)
-    if wanted:
-        request.result = temperature_means(temperatures)
-    n = runtime.num_clients
-    return (per_client(correct, runtime.test_owner, n).cpu().numpy(),
-            per_client(loss, runtime.test_owner, n).cpu().numpy())
+    n, net, data = runtime.num_clients, runtime.net, runtime.test_data
+    exact = runtime.autocast is None
+    if batch_dependent(net):
+        if not (exact and runtime.temperature_pass == "evaluation" and net.num_aux_heads):
+            return split_means(runtime.predict_each(range(n)))
+        splits = [runtime.test_split(c) for c in range(n)]
+        results, temperatures = split_temperatures(net, data, splits, runtime.eval_batch_size)
+        return Scores(*split_means(results), temperatures=temperatures)
+    wanted = min(TEMPERATURE_IMAGES, len(data)) if exact else 0
+    correct, loss, temperatures = predict_with_temperatures(net, data, None, runtime.eval_batch_size,
+                                                            runtime.autocast, wanted)
+    return Scores(per_client(correct, runtime.test_owner, n).cpu().numpy(),
+                  per_client(loss, runtime.test_owner, n).cpu().numpy(),
+                  temperature_means(temperatures) if exact else None)
 
 
-@dataclass
-class _TemperatureRequest:
-    runtime: "ClientRuntime"
-    state: State
-    result: dict[str, float] | None = None
-
-
-_TEMPERATURE_REQUEST: ContextVar[_TemperatureRequest | None] = ContextVar("temperature_request", default=None)
-
-
-def scores_and_temperatures(runtime: "ClientRuntime", state: State, evaluate: Callable[[], Scores]
-                            ) -> tuple[Scores, dict[str, float]]:
-    """``evaluate()`` (an algorithm's evaluation) and ``temperature_stats(runtime, state)``. When ``evaluate`` runs
-    :func:`shared_model` on this very ``state`` with one pass over the test set, the temperatures are taken from that
-    pass (the same per-image values; the first :data:`TEMPERATURE_IMAGES` images), else from their own pass."""
-    request = _TemperatureRequest(runtime, state)
-    token = _TEMPERATURE_REQUEST.set(request)
-    try:
-        scores = evaluate()
-    finally:
-        _TEMPERATURE_REQUEST.reset(token)
-    return scores, request.result if request.result is not None else temperature_stats(runtime, state)
+@torch.no_grad()
+def split_temperatures(net: MultiHeadNet, data, splits: list[torch.Tensor], batch_size: int
+                       ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
+    """:func:`predict_splits` (each split its own batch), and the learned temperatures from those same passes: per
+    auxiliary head the mean over the first :data:`TEMPERATURE_IMAGES` test images (by index) that belong to a split,
+    each image's temperature as computed in its client's batch (``federation.temperature_pass: evaluation``; the
+    reference instead passes those images as one batch of their own, :func:`temperature_stats`)."""
+    owned = torch.sort(torch.cat(splits)).values if splits else torch.zeros(0, dtype=torch.long)
+    if not len(owned) or not net.num_aux_heads:
+        return predict_splits(net, data, splits, batch_size), {}
+    last = owned[min(TEMPERATURE_IMAGES, len(owned)) - 1]
+    results, sums, count = [], None, 0
+    for ix in splits:
+        correct, loss, temps = predict_with_temperatures(net, data, ix, batch_size, None, len(ix))
+        results.append((correct, loss))
+        keep = ix <= last
+        picked = torch.stack([t[keep].double().sum() for t in temps]) if temps else None
+        if picked is not None:
+            sums = picked if sums is None else sums + picked
+            count += int(keep.sum())
+    means = (sums / count).tolist() if sums is not None and count else []
+    return results, {f"temp_aux{i}": m for i, m in enumerate(means)}
 
 
 def client_models(runtime: "ClientRuntime", model_of: Callable[[int], State]) -> Scores:
@@ -216,7 +235,7 @@ def client_models(runtime: "ClientRuntime", model_of: Callable[[int], State]) ->
             clients = list(range(start, min(n, start + runtime.batch_clients)))
             models = StackedModels.stack([model_of(c) for c in clients], keys)
             acc[:, clients], lss[:, clients] = stacked_scores(runtime, models, clients)
-        return acc, lss
+        return Scores(acc, lss)
     results = []
     for c in range(runtime.num_clients):
         runtime.load(model_of(c))
@@ -262,7 +281,7 @@ def stacked_scores(runtime: "ClientRuntime", models: StackedModels, clients: lis
             lss[:, ks] = (loss / size).cpu().numpy()
     finally:
         net.train(was_training)
-    return acc, lss
+    return Scores(acc, lss)
 
 
 def client_accuracy(runtime: "ClientRuntime", client: int) -> float:

@@ -22,7 +22,7 @@ from .build import make_algorithm, model_description, resolve_device
 from .clients import ClientResult, ClientRuntime
 from .config import Config
 from .errors import TrainingDiverged
-from .evaluation import scores_and_temperatures, summarize
+from .evaluation import summarize, temperature_stats
 from .personalization import personalize
 from .server import Server, clone_state, lr_at, sample_clients
 
@@ -116,10 +116,14 @@ class Federation:
     def evaluate(self) -> dict[str, Any]:
         """Evaluate the current global model (with each client's own part, as the algorithm says); select the best."""
         server, runtime = self.server, self.runtime
-        (acc, loss), temperatures = scores_and_temperatures(
-            runtime, server.global_state,
-            lambda: self.algorithm.evaluate(runtime, server.global_state, server.store, server.round,
-                                            self.lr(server.round)))
+        scores = self.algorithm.evaluate(runtime, server.global_state, server.store, server.round,
+                                         self.lr(server.round))
+        acc, loss = scores
+        # the learned temperatures: from the evaluation's own passes when it made them with one model for every
+        # client (Scores.temperatures), else those of the global model from a pass of their own
+        temperatures = getattr(scores, "temperatures", None)
+        if temperatures is None:
+            temperatures = temperature_stats(runtime, server.global_state)
         summary = summarize(acc, loss, runtime.test_sizes, runtime.heads)
         summary.update(temperatures)
         return server.record_evaluation(summary)

@@ -108,6 +108,11 @@ class FederationConfig:
     lr_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  #: fractions of R
     eval_every: int = 8  #: evaluate every k rounds (and after the last round)
     eval_batch_size: int = 500  #: batch size of evaluations (no effect on the numbers)
+    #: the logged temp_aux* of a model whose BatchNorm has no running statistics (FedBABU/FedAvg models): reference =
+    #: the first 1000 test images as one batch of their own (an extra pass); evaluation = the same images, each as
+    #: computed in its client's evaluation batch (no extra pass; other numbers). Models with running statistics:
+    #: always from the evaluation pass (the same numbers either way)
+    temperature_pass: Literal["reference", "evaluation"] = "reference"
     select: Literal["best", "final"] = "best"  #: model handed to personalisation (best = best-on-test, the paper's)
     #: divergence without NaN: a client's mean local loss above this stops the run (null: never); chance is ln(C)
     diverge_loss: Optional[float] = 1000.0

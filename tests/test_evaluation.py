@@ -124,3 +124,45 @@ def test_temperatures_of_batch_dependent_models_keep_their_own_batch(tmp_path):
     assert sizes == [int(n) for n in runtime.test_sizes] + [20] and sum(sizes[:-1]) == 20
     want = temperature_stats(runtime, fed.server.global_state)
     assert {k: v for k, v in summary.items() if k.startswith("temp_")} == want and len(want) == 3
+
+
+def test_temperature_pass_evaluation_takes_batch_dependent_temperatures_from_the_client_passes(tmp_path, monkeypatch):
+    """federation.temperature_pass: evaluation -- no extra pass; each of the first TEMPERATURE_IMAGES test images
+    with the temperature its client's batch gave it; other numbers than the reference's own batch (can fail)."""
+    monkeypatch.setattr(evaluation, "TEMPERATURE_IMAGES", 13)
+    fed = make_fed(tmp_path, *TINY, "--algorithm.name", "fedavg", "--data.num_clients", "4",
+                   "--federation.temperature_pass", "evaluation")
+    runtime = fed.runtime
+    assert batch_dependent(runtime.net) and runtime.temperature_pass == "evaluation"
+    sizes = _forward_batches(runtime.net)
+    summary = fed.evaluate()
+    assert sizes == [int(n) for n in runtime.test_sizes]  # the client splits only
+    got = {k: v for k, v in summary.items() if k.startswith("temp_")}
+    runtime.load(fed.server.global_state)
+    runtime.net.eval()
+    owned = sorted(i for c in range(runtime.num_clients) for i in runtime.partition.test[c])
+    first = set(owned[:13])
+    picked = [[] for _ in range(runtime.net.num_aux_heads)]
+    for c in range(runtime.num_clients):
+        ix = torch.as_tensor(runtime.partition.test[c])
+        x, _ = runtime.test_data.batch(ix)
+        with torch.no_grad():
+            out = runtime.net(x)
+        for h, t in enumerate(out.temperature):
+            picked[h] += [t[k].double() for k, i in enumerate(ix.tolist()) if i in first]
+    assert all(len(p) == 13 for p in picked)
+    want = {f"temp_aux{h}": float(torch.stack(p).mean()) for h, p in enumerate(picked)}
+    assert got.keys() == want.keys() and len(got) == 3
+    for key in want:
+        assert abs(got[key] - want[key]) < 1e-6, key
+    reference = temperature_stats(runtime, fed.server.global_state)  # the 13 images as one batch of their own
+    assert any(abs(reference[k] - got[k]) > 1e-6 for k in got)
+
+
+def test_scores_unpack_and_index_as_the_accuracy_loss_pair(tmp_path):
+    fed = make_fed(tmp_path, *TINY, "--algorithm.name", "mhmd")
+    scores = shared_model(fed.runtime, fed.server.global_state)
+    acc, loss = scores
+    assert acc is scores.acc and loss is scores.loss and scores[0] is acc and scores[1] is loss
+    assert acc.shape == loss.shape == (4, fed.runtime.num_clients)
+    assert set(scores.temperatures) == {"temp_aux0", "temp_aux1", "temp_aux2"}  # running stats: from the pass
