@@ -246,21 +246,26 @@ def client_models(runtime: "ClientRuntime", model_of: Callable[[int], State]) ->
 @torch.no_grad()
 def stacked_scores(runtime: "ClientRuntime", models: StackedModels, clients: list[int]) -> Scores:
     """Accuracy and loss of every head, two (H, len(clients)) arrays: model k of ``models`` on the test split of
-    ``clients[k]``, as vmapped passes over the clients with equal test-split sizes, in the chunks of
+    ``clients[k]``, as vmapped passes over clients with equal test-split sizes, in the chunks of
     ``federation.eval_batch_size`` that :func:`predict` uses (so BatchNorm without running statistics sees the same
-    batches as client-by-client evaluation)."""
+    batches as client-by-client evaluation). A pass takes as many such clients as keep it within
+    :func:`pass_images` images (at least one client), so memory does not grow with the number of clients."""
     heads = len(runtime.heads)
     acc, lss = np.full((heads, len(clients)), np.nan), np.full((heads, len(clients)), np.nan)
     data, net, bs = runtime.test_data, runtime.net, runtime.eval_batch_size
+    limit = pass_images(bs, data.device)
     by_size: dict[int, list[int]] = {}
     for k, c in enumerate(clients):
-        by_size.setdefault(int(runtime.test_sizes[c]), []).append(k)
+        if runtime.test_sizes[c]:
+            by_size.setdefault(int(runtime.test_sizes[c]), []).append(k)
+    passes = []  # (split size, positions in clients): clients of one size, at most `limit` images per pass
+    for size, ks in by_size.items():
+        per_pass = max(1, limit // min(size, bs))
+        passes += [(size, ks[i:i + per_pass]) for i in range(0, len(ks), per_pass)]
     was_training = net.training
     net.eval()
     try:
-        for size, ks in by_size.items():
-            if size == 0:
-                continue
+        for size, ks in passes:
             group = models if len(ks) == len(clients) else models.select(torch.as_tensor(ks, device=data.device))
             index = torch.stack([runtime.test_split(clients[k]) for k in ks])  # (G, n)
             correct = torch.zeros(heads, len(ks), dtype=torch.float64, device=data.device)

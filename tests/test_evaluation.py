@@ -166,3 +166,29 @@ def test_scores_unpack_and_index_as_the_accuracy_loss_pair(tmp_path):
     assert acc is scores.acc and loss is scores.loss and scores[0] is acc and scores[1] is loss
     assert acc.shape == loss.shape == (4, fed.runtime.num_clients)
     assert set(scores.temperatures) == {"temp_aux0", "temp_aux1", "temp_aux2"}  # running stats: from the pass
+
+
+def test_stacked_scores_passes_stay_within_the_pass_size_and_equal_client_by_client(tmp_path, monkeypatch):
+    """Per-client models evaluated stacked (batched engine): 4 clients x 5 test images, eval_batch_size 10 -> passes
+    of 2 clients (10 images), not one pass of 4; each model's scores equal its client-by-client evaluation (BatchNorm
+    without running statistics: the same batches)."""
+    from fl_sd.stacked import StackedModels
+
+    fed = make_fed(tmp_path, *TINY, "--algorithm.name", "fedavg", "--backend", "batched", "--precision", "64-true",
+                   "--federation.eval_batch_size", "10", "--data.partition", "iid")
+    runtime = fed.runtime
+    assert batch_dependent(runtime.net) and list(runtime.test_sizes) == [5, 5, 5, 5]
+    gen = torch.Generator().manual_seed(0)
+    states = [{k: v + 0.05 * torch.randn(v.shape, generator=gen, dtype=v.dtype) if v.is_floating_point() else v
+               for k, v in fed.server.global_state.items()} for _ in range(4)]
+    shapes = []
+    real = evaluation.stacked_forward
+    monkeypatch.setattr(evaluation, "stacked_forward", lambda net, models, x: shapes.append(tuple(x.shape[:2]))
+                        or real(net, models, x))
+    acc, loss = evaluation.stacked_scores(runtime, StackedModels.stack(states, list(states[0])), [0, 1, 2, 3])
+    assert shapes == [(2, 5), (2, 5)]
+    for c, state in enumerate(states):
+        runtime.load(state)
+        correct, losses = runtime.predict(c)
+        assert np.array_equal(acc[:, c], correct.double().mean(1).numpy())
+        assert np.allclose(loss[:, c], losses.double().mean(1).numpy(), rtol=1e-10, atol=0)
