@@ -226,15 +226,17 @@ def split_temperatures(net: MultiHeadNet, data, splits: list[torch.Tensor], batc
 
 def client_models(runtime: "ClientRuntime", model_of: Callable[[int], State]) -> Scores:
     """Client c evaluated with ``model_of(c)`` (a full state) on its own test split (NaN without test data); with
-    the batched engine (``runtime.batch_clients``) as stacked computations of that many clients."""
-    if runtime.batch_clients:
+    the batched engine (``runtime.chunks``) as stacked computations of a chunk of clients each."""
+    if runtime.chunks is not None:
         n, heads = runtime.num_clients, len(runtime.heads)
         acc, lss = np.zeros((heads, n)), np.zeros((heads, n))
         keys = list(runtime.initial_state)
-        for start in range(0, n, runtime.batch_clients):
-            clients = list(range(start, min(n, start + runtime.batch_clients)))
+
+        def score(clients: list[int]) -> None:
             models = StackedModels.stack([model_of(c) for c in clients], keys)
             acc[:, clients], lss[:, clients] = stacked_scores(runtime, models, clients)
+
+        runtime.chunks.run(list(range(n)), score)  # a chunk that runs out of memory is scored again in halves
         return Scores(acc, lss)
     results = []
     for c in range(runtime.num_clients):
