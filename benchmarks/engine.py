@@ -27,7 +27,8 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 CLASSES = {"mobilenet": 100, "cnn4": 10}
-ENGINES = ("sequential", "batched", "compiled", "floor")  # compiled = batched + batched.compile (warm-up compiles)
+#: compiled = batched + batched.compile (warm-up compiles); channels_last = sequential + memory_format channels_last
+ENGINES = ("sequential", "channels_last", "batched", "compiled", "floor")
 
 
 def child(model: str, clients: int, engine: str, rounds: int, epochs: int, warmup: int, device: str) -> dict:
@@ -50,7 +51,8 @@ def child(model: str, clients: int, engine: str, rounds: int, epochs: int, warmu
                                 f"test_per_class: {max(1, 100 * clients // k)}}}",
             "--federation.client_fraction", "1.0", "--federation.local_epochs", "1", "--federation.batch_size", "50",
             "--federation.lr", "0.1", "--federation.rounds", "1000", "--personalization.epochs", str(epochs),
-            "--tracking.progress", "false", "--tracking.wandb", "disabled", "--batched.compile", compile_mode])
+            "--tracking.progress", "false", "--tracking.wandb", "disabled", "--batched.compile", compile_mode,
+            "--memory_format", "channels_last" if engine == "channels_last" else "contiguous"])
         fed = Federation(cfg, tmp, log=lambda *_: None)
         runner = make_backend(backend, cfg, tmp, fed.runtime, fed.algorithm)
         step = (lambda r: floor_round(fed, r)) if engine == "floor" else (lambda r: fed.run_round(runner))

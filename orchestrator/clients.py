@@ -15,6 +15,7 @@ import torch
 from fl_sd.data import DeviceData, ImageDataset, Partition, client_batches, seeded_generator
 from fl_sd.hooks import StepHooks
 from fl_sd.losses import LossConfig, MultiHeadLoss
+from fl_sd.models import use_channels_last
 from lightning_modules.batched import ClientFailed, batched_local_update
 from lightning_modules.client import ClientUpdate, MultiHeadClassifier
 
@@ -70,6 +71,8 @@ class ClientRuntime:
         self._test_index = [torch.as_tensor(ix, device=device) for ix in partition.test]
 
         net = build_network(cfg, algorithm, dataset.image_shape, dataset.num_classes)
+        if cfg.memory_format == "channels_last":
+            use_channels_last(net)
         self.module = MultiHeadClassifier(net=net, train_part=algorithm.train_part, lr=f.lr, momentum=f.momentum,
                                           weight_decay=f.weight_decay).to(device=device, dtype=dtype)
         self.net = self.module.net

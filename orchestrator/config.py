@@ -331,6 +331,10 @@ def validate(cfg: Config) -> None:
     _check(cfg.batched.max_clients >= 0, "batched.max_clients", f"must be >= 0, got {cfg.batched.max_clients}")
     _check(cfg.batched.compile == "off" or cfg.backend == "batched", "batched.compile",
            f"compiles the batched engine's step, but backend is {cfg.backend}; set backend: batched or compile: off")
+    _check(cfg.memory_format == "contiguous" or cfg.backend != "batched", "memory_format",
+           "channels_last cannot be kept under the batched engine's torch.func.vmap (its convolutions become grouped "
+           "convolutions in the default layout); use memory_format: contiguous there (on a GPU, batched.compile lets "
+           "inductor choose the layout), or backend: inprocess")
     if cfg.backend == "batched":
         algorithm = get_algorithm(a.name)(cfg.algorithm_options())
         _check(algorithm.batchable, "backend", f"algorithm {a.name} cannot run on the batched engine (its local "

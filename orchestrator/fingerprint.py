@@ -11,8 +11,8 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 #: Keys that do not change what a run computes: where it lives, where it runs, how it is watched.
-NOT_IDENTITY = ("name", "run_dir", "device", "flower.", "batched.", "tracking.", "checkpoint.", "data.root",
-                "data.download", "federation.eval_batch_size")
+NOT_IDENTITY = ("name", "run_dir", "device", "memory_format", "flower.", "batched.", "tracking.", "checkpoint.",
+                "data.root", "data.download", "federation.eval_batch_size")
 
 #: Edits ``--resume`` accepts besides NOT_IDENTITY: more rounds (the learning-rate milestones are fractions of the
 #: new R, so the rounds still to run follow the new schedule; the result is not a fresh run with that R).
@@ -49,8 +49,15 @@ def differences(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...
     return out
 
 
-def resume_differences(saved: dict[str, Any], current: dict[str, Any], rounds_done: int) -> list[str]:
-    """The edits of ``current`` (config.yaml now) against ``saved`` (the checkpoint's) that a resume must refuse."""
+def resume_differences(saved: dict[str, Any], current: dict[str, Any], rounds_done: int,
+                       defaults: dict[str, Any] | None = None) -> list[str]:
+    """The edits of ``current`` (config.yaml now) against ``saved`` (the checkpoint's) that a resume must refuse. A
+    key ``saved`` lacks (a checkpoint of an older fl-sd, before the key existed) stands at its value in ``defaults``
+    (the default config): an option added later defaults to the behaviour from before, so leaving it there is no
+    edit."""
+    if defaults:
+        flat, now = flatten(saved), flatten(current)
+        saved = {**{k: v for k, v in flatten(defaults).items() if k not in flat and k in now}, **flat}
     out = differences(saved, current, NOT_IDENTITY + RESUME_MAY_CHANGE)
     rounds = flatten(current).get("federation.rounds")
     if isinstance(rounds, int) and rounds < rounds_done:

@@ -131,7 +131,8 @@ def _reopen(run_dir: Path) -> tuple[Config, Federation, dict[str, Any]]:
         raise RunDirError(f"--resume {run_dir}: {PARTITION_FILE} is missing; the run directory is incomplete")
     saved = read_checkpoint(run_dir) if (run_dir / CHECKPOINT_FILE).exists() else None
     if saved is not None and "config" in saved["meta"]:
-        diffs = resume_differences(saved["meta"]["config"], cfg.to_dict(), saved["state"].get("round", 0))
+        diffs = resume_differences(saved["meta"]["config"], cfg.to_dict(), saved["state"].get("round", 0),
+                                   Config().to_dict())
         if diffs:
             raise CheckpointError(f"--resume {run_dir}: config.yaml was edited in a way that changes the run "
                                   f"({summary(diffs)}); undo the edit, or start a new run (README: what a resume "

@@ -201,6 +201,9 @@ class RunFields:
     #: inprocess = clients one after another; deployment: set by the Flower App's ServerApp (flwr run)
     backend: Literal["inprocess", "batched", "flower", "deployment"] = "inprocess"
     precision: Literal["32-true", "64-true", "bf16-mixed"] = "32-true"  #: Lightning's names; bf16-mixed = autocast
+    #: layout of the network's weights and activations: contiguous (NCHW, the reference's) or channels_last (NHWC:
+    #: the same numbers up to float reassociation, often faster convolutions; not with backend batched)
+    memory_format: Literal["contiguous", "channels_last"] = "contiguous"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)

@@ -252,3 +252,22 @@ class MultiHeadNet(nn.Module):
     def head_piece_rows(self, piece: str) -> dict[str, slice | None]:
         """:func:`head_piece_rows` of this network's head keys."""
         return head_piece_rows(piece, self.head_state_keys())
+
+
+def _channels_last_input(module: nn.Module, args: tuple) -> tuple:
+    x = args[0]
+    if isinstance(x, torch.Tensor) and x.dim() == 4:
+        return (x.contiguous(memory_format=torch.channels_last), *args[1:])
+    return args
+
+
+def use_channels_last(net: nn.Module) -> nn.Module:
+    """Run ``net`` in the channels_last layout (NHWC in memory): its 4-D weights are converted, and a forward pre-hook
+    makes every 4-D input channels_last, so the activations follow. The numbers are those of the default layout up to
+    floating-point reassociation; state dicts keep their keys and shapes (``load_state_dict`` copies into either
+    layout). Not under ``torch.func.vmap``: querying or changing the memory format of a batched tensor is not
+    implemented there (torch 2.x), and vmap's convolution batching rule regroups the clients of a stacked
+    computation into one grouped convolution in the default layout anyway."""
+    net.to(memory_format=torch.channels_last)
+    net.register_forward_pre_hook(_channels_last_input)
+    return net
