@@ -10,7 +10,8 @@ python -c "import torch; assert torch.cuda.is_available(), 'needs a GPU'; print(
 for engine in batched inprocess; do
     python benchmarks/paper_run.py --backend "$engine" --rounds "$ROUNDS" | tail -1
 done
+python benchmarks/paper_run.py --backend inprocess --rounds "$ROUNDS" --memory-format channels_last | tail -1
 python benchmarks/paper_run.py --backend batched --rounds "$ROUNDS" --precision bf16-mixed | tail -1
 python benchmarks/paper_run.py --backend batched --rounds "$ROUNDS" --compile reduce-overhead | tail -1
 python benchmarks/paper_run.py --backend batched --rounds "$ROUNDS" --compile reduce-overhead --precision bf16-mixed | tail -1
-python benchmarks/engine.py --clients 10 100 --rounds 5 --epochs 1
+python benchmarks/engine.py --clients 10 100 --rounds 5 --epochs 1 --engines sequential channels_last batched compiled floor

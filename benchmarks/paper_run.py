@@ -32,12 +32,14 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", default="off", choices=["off", "default", "reduce-overhead", "max-autotune"],
                         help="batched.compile (backend batched only); the wall time includes compiling")
+    parser.add_argument("--memory-format", default="contiguous", choices=["contiguous", "channels_last"],
+                        help="memory_format (channels_last: backend inprocess only)")
     parser.add_argument("--finetune-epochs", type=int, default=5, help="personalisation epochs (the paper: 5)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(REPO / "configs" / "cifar100.yaml", [
             "--run_dir", tmp, "--device", args.device, "--backend", args.backend, "--precision", args.precision,
-            "--batched.compile", args.compile,
+            "--batched.compile", args.compile, "--memory_format", args.memory_format,
             "--data.dataset", "synthetic",
             "--data.synthetic", "{num_classes: 100, train_per_class: 500, test_per_class: 100}",
             "--federation.rounds", str(args.rounds), "--personalization.epochs", str(args.finetune_epochs), "--tracking.progress", "false", "--tracking.wandb", "disabled",
@@ -53,9 +55,9 @@ def main() -> None:
         per_round = sorted(float(line.split(",")[col]) for line in rounds_csv[1:])
         pers = (results.get("personalized") or {}).get("seconds")
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-    print("| engine | compile | precision | rounds | wall s | median s/round | personalisation s | peak GPU GiB |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| {args.backend} | {args.compile} | {args.precision} | {args.rounds} | {wall:.1f} | {per_round[len(per_round) // 2]:.4f} | "
+    print("| engine | compile | precision | memory format | rounds | wall s | median s/round | personalisation s | peak GPU GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| {args.backend} | {args.compile} | {args.precision} | {args.memory_format} | {args.rounds} | {wall:.1f} | {per_round[len(per_round) // 2]:.4f} | "
           f"{pers if pers is None else round(pers, 2)} | {peak:.2f} |")
 
 
