@@ -170,8 +170,8 @@ def test_scores_unpack_and_index_as_the_accuracy_loss_pair(tmp_path):
 
 def test_stacked_scores_passes_stay_within_the_pass_size_and_equal_client_by_client(tmp_path, monkeypatch):
     """Per-client models evaluated stacked (batched engine): 4 clients x 5 test images, eval_batch_size 10 -> passes
-    of 2 clients (10 images), not one pass of 4; each model's scores equal its client-by-client evaluation (BatchNorm
-    without running statistics: the same batches)."""
+    of 2 clients (10 images), not one pass of 4; the scores equal those of the unsplit pass of 4 and each model's its
+    client-by-client evaluation (BatchNorm without running statistics: the same batches)."""
     from fl_sd.stacked import StackedModels
 
     fed = make_fed(tmp_path, *TINY, "--algorithm.name", "fedavg", "--backend", "batched", "--precision", "64-true",
@@ -187,6 +187,12 @@ def test_stacked_scores_passes_stay_within_the_pass_size_and_equal_client_by_cli
                         or real(net, models, x))
     acc, loss = evaluation.stacked_scores(runtime, StackedModels.stack(states, list(states[0])), [0, 1, 2, 3])
     assert shapes == [(2, 5), (2, 5)]
+    shapes.clear()  # unsplit: all 4 clients in one vmapped pass (the limit before this change)
+    monkeypatch.setattr(evaluation, "pass_images", lambda batch_size, device: 4 * batch_size)
+    whole_acc, whole_loss = evaluation.stacked_scores(runtime, StackedModels.stack(states, list(states[0])),
+                                                      [0, 1, 2, 3])
+    assert shapes == [(4, 5)]
+    assert np.array_equal(acc, whole_acc) and np.allclose(loss, whole_loss, rtol=1e-12, atol=0)
     for c, state in enumerate(states):
         runtime.load(state)
         correct, losses = runtime.predict(c)

@@ -189,7 +189,9 @@ class Algorithm:
                  lr: float) -> Scores:
         """Per-client accuracy and loss of every head (two (H, N) arrays) of the model after ``round_idx`` rounds;
         ``lr`` is the schedule's learning rate at that point. Default: one pass when every client uses the base
-        model, else each client with its ``client_model``."""
+        model, else each client with its ``client_model``. ``Scores.temperatures``, when not None, are the logged
+        learned temperatures of ``base_state`` (``evaluation.shared_model(ctx, base_state)`` sets them from its
+        passes); None (or a plain ``(acc, loss)`` pair) lets the federation compute them with their own pass."""
         if not self.per_client_models:
             return evaluation.shared_model(ctx, base_state)
         return evaluation.client_models(
