@@ -107,7 +107,9 @@ class FederationConfig:
     lr_gamma: float = 0.1  #: lr multiplied by this after each milestone
     lr_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  #: fractions of R
     eval_every: int = 8  #: evaluate every k rounds (and after the last round)
-    eval_batch_size: int = 500  #: batch size of evaluations (no effect on the numbers)
+    #: batch size of evaluations (no effect on the numbers, except for BatchNorm without running statistics: a client's
+    #: test split longer than this is evaluated in batches of this size, as the reference)
+    eval_batch_size: int = 500
     #: the logged temp_aux* of a model whose BatchNorm has no running statistics (FedBABU/FedAvg models): reference =
     #: the first 1000 test images as one batch of their own (an extra pass); evaluation = the same images, each as
     #: computed in its client's evaluation batch (no extra pass; other numbers). Models with running statistics:
