@@ -11,8 +11,10 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 #: Keys that do not change what a run computes: where it lives, where it runs, how it is watched.
+#: (``federation.eval_batch_size`` is not among them: with BatchNorm without running statistics a client's test split
+#: longer than it is evaluated in batches of that size, which changes the numbers.)
 NOT_IDENTITY = ("name", "run_dir", "device", "memory_format", "flower.", "batched.", "tracking.", "checkpoint.",
-                "data.root", "data.download", "federation.eval_batch_size")
+                "data.root", "data.download")
 
 #: Edits ``--resume`` accepts besides NOT_IDENTITY: more rounds (the learning-rate milestones are fractions of the
 #: new R, so the rounds still to run follow the new schedule; the result is not a fresh run with that R).

@@ -28,3 +28,11 @@ def test_layout_device_and_more_rounds_are_allowed_edits_fewer_rounds_are_not():
     current["federation"]["rounds"] = 10
     current["federation"]["lr"] = 0.5
     assert resume_differences(saved, current, 5, saved) == ["federation.lr: 0.1 -> 0.5"]
+
+
+def test_eval_batch_size_is_part_of_the_run():
+    """It changes the numbers of BatchNorm without running statistics (splits longer than it are cut), so a resume
+    refuses to change it."""
+    saved, current = Config().to_dict(), Config().to_dict()
+    current["federation"]["eval_batch_size"] = 50
+    assert resume_differences(saved, current, 1, saved) == ["federation.eval_batch_size: 500 -> 50"]
