@@ -262,6 +262,9 @@ def run_sweep(spec: Spec, workers: int | None = None, status_every: float = 30.0
         f"{sum(s == 'resume' for s in states.values())} to resume, {sum(s == 'new' for s in states.values())} new; "
         f"{workers} at a time")
     previous = signal.signal(signal.SIGTERM, _interrupt)
+    # SIGINT stops the sweep and its runs (below) also when the sweep was started with SIGINT ignored, as a shell
+    # starts background jobs: without this the runs would inherit the ignored signal and never stop on it
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with _Lock(spec.out):
             for job in jobs:
@@ -310,6 +313,7 @@ def run_sweep(spec: Spec, workers: int | None = None, status_every: float = 30.0
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     status(force=True)
     return counts
 
